@@ -1,0 +1,1 @@
+"""SPP-net and R-CNN detection: boxes, backbones, SPP, evaluation, timing, the CLI."""

@@ -1,0 +1,156 @@
+"""The `sppnet` command line: one subcommand per task, each with its own `--help`.
+
+Every user-caused failure (a bad file, a wrong path) is an `SppnetError` and ends as one line on
+stderr with exit status 2; a summary goes to `--json PATH` where a command has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from data.errors import SppnetError
+
+WORKDIR_ENV = "SPPNET_WORKDIR"
+DEFAULT_WORKDIR = "sppnet-work"
+
+
+def default_workdir() -> Path:
+    """Where caches, models and outputs go: `$SPPNET_WORKDIR`, else `./sppnet-work`."""
+    return Path(os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR)
+
+
+def _write_json(path: str | None, summary: dict) -> None:
+    if path:
+        from data.atomic import atomic_write_json
+
+        atomic_write_json(path, summary)
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    """Write the procedurally generated demo dataset in VOC layout."""
+    from data.demo import generate_demo_dataset
+
+    out = Path(args.out) if args.out else Path(args.workdir) / "demo-data"
+    summary = generate_demo_dataset(out, seed=args.seed, trainval=args.trainval, test=args.test)
+    print(f"wrote {summary['images']} images with {summary['objects']} objects of "
+          f"{len(summary['classes'])} classes to {out} in {summary['seconds']:.1f} s")
+    _write_json(args.json, summary)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score VOC result files against a split: per-class AP, mAP, COCO AP."""
+    from data.results import read_voc_results
+    from data.voc import open_voc, parse_class_list
+    from detection.evaluate import evaluate_coco, evaluate_voc, format_ap_table, score_summary
+
+    dataset = open_voc(args.voc_root, args.split, parse_class_list(args.classes))
+    det_dir = Path(args.dets)
+    if not det_dir.is_dir():
+        raise SppnetError(f"{det_dir}: detections folder not found")
+    detections, missing = read_voc_results(det_dir, args.split, dataset.classes)
+    if len(missing) == len(dataset.classes):
+        raise SppnetError(f"{det_dir}: no result files comp4_det_{args.split}_<class>.txt for any "
+                          f"of the {len(dataset.classes)} classes")
+    if missing:
+        print(f"note: no result file for {', '.join(missing)}; counted as no detections",
+              file=sys.stderr)
+    voc = evaluate_voc(dataset, detections, metric=args.metric)
+    coco = evaluate_coco(dataset, detections)
+    title = "AP07" if args.metric == "voc07" else "AP"
+    print(format_ap_table(voc["ap"], voc["mAP"], title=title))
+    if coco["AP"] is not None:
+        print(f"COCO AP@[.5:.95] {100 * coco['AP']:.1f}  AP50 {100 * coco['AP50']:.1f}  "
+              f"AP75 {100 * coco['AP75']:.1f}")
+    _write_json(args.json, score_summary(voc, coco))
+    return 0
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
+
+
+def _add_workdir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", metavar="W", default=str(default_workdir()),
+                   help=f"folder for caches, models and outputs (default: ${WORKDIR_ENV} or "
+                        f"./{DEFAULT_WORKDIR})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="sppnet", description="SPP-net object detection and its R-CNN baseline.")
+    parser.add_argument("--version", action="version", version=f"sppnet {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("make-demo-data", help="write the generated demo dataset (VOC layout)",
+                       description="Write the procedurally generated demo dataset in VOC layout: "
+                                   "the same bytes for the same seed.")
+    p.add_argument("--out", metavar="DIR", help="output root (default: WORKDIR/demo-data)")
+    _add_workdir(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--trainval", type=_non_negative, default=200, metavar="N",
+                   help="trainval images (default 200)")
+    p.add_argument("--test", type=_non_negative, default=100, metavar="M",
+                   help="test images (default 100)")
+    _add_json(p)
+    p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("score", help="score VOC result files: per-class AP, mAP, COCO AP",
+                       description="Read comp4_det_<split>_<class>.txt files and print the "
+                                   "per-class AP table and mAP (VOC devkit rules), with COCO "
+                                   "AP@[.5:.95] from pycocotools for the same detections.")
+    p.add_argument("--voc-root", required=True, metavar="R", help="VOC-layout dataset root")
+    p.add_argument("--split", required=True, metavar="S", help="image set, e.g. test")
+    p.add_argument("--dets", required=True, metavar="DIR", help="folder of result files")
+    p.add_argument("--metric", choices=("voc07", "area"), default="voc07",
+                   help="voc07: 11-point AP (default); area: VOC2010+ area under the curve")
+    p.add_argument("--classes", metavar="a,b,c",
+                   help="class list (default: VOC's 20 for VOC20xx, else found in annotations)")
+    _add_json(p)
+    p.set_defaults(func=cmd_score)
+
+    from proposals.command import register as register_proposals
+
+    register_proposals(sub, _add_workdir, _add_json)
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sppnet")
+    except Exception:  # not installed (run from a checkout)
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `sppnet` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except SppnetError as exc:
+        print(f"sppnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sppnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

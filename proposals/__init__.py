@@ -1,0 +1,1 @@
+"""Selective-search proposals: computing, caching, running in parallel, recall."""

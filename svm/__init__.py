@@ -1,0 +1,1 @@
+"""Per-class linear SVMs trained with hard negative mining."""

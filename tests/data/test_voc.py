@@ -1,0 +1,139 @@
+"""The VOC reader: box conventions, classes, splits, difficult/truncated, malformed files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data.errors import AnnotationError, SppnetError
+from data.voc import (VOC_CLASSES, discover_classes, internal_to_voc, open_voc, parse_annotation,
+                      parse_class_list, read_split_ids, voc_to_internal)
+
+
+def test_box_conventions_round_trip():
+    voc = np.array([[1, 1, 500, 375], [48, 240, 195, 371]], dtype=np.float64)
+    internal = voc_to_internal(voc)
+    assert internal[0].tolist() == [0, 0, 499, 374]
+    assert np.array_equal(internal_to_voc(internal), voc)
+    # width in pixels is the same in both conventions: x2 - x1 + 1
+    assert internal[1, 2] - internal[1, 0] + 1 == 195 - 48 + 1
+
+
+def test_reader_reads_split_objects_and_flags(tiny_voc):
+    ds = open_voc(tiny_voc, "trainval")
+    assert ds.classes == ("bird", "cat", "dog")          # found in all annotations, sorted
+    assert [im.image_id for im in ds] == ["img1", "img2"]
+    img1 = ds["img1"]
+    assert (img1.width, img1.height) == (64, 48)
+    assert img1.path.name == "img1.jpg" and img1.path.is_file()
+    assert img1.boxes().tolist() == [[0, 0, 19, 19], [29, 9, 59, 39]]
+    assert img1.difficult().tolist() == [False, True]
+    assert img1.labels(ds.classes).tolist() == [2, 3]
+    assert ds["img2"].objects[0].truncated and not ds["img2"].objects[0].difficult
+
+
+def test_classes_same_for_every_split(tiny_voc):
+    assert open_voc(tiny_voc, "test").classes == open_voc(tiny_voc, "trainval").classes
+
+
+def test_custom_class_list_filters_and_orders(tiny_voc):
+    ds = open_voc(tiny_voc, "all", classes=parse_class_list("dog,cat"))
+    assert ds.classes == ("dog", "cat")
+    assert [o.name for o in ds["img3"].objects] == ["cat"]      # bird left out
+    assert ds["img1"].labels(ds.classes).tolist() == [2, 1]
+
+
+def test_voc2007_root_gets_the_20_classes(tmp_path, voc_writer):
+    root = voc_writer(tmp_path / "VOCdevkit" / "VOC2007",
+                      {"000001": (50, 50, [("dog", (1, 1, 10, 10), 0, 0)])}, {"test": ["000001"]})
+    assert discover_classes(root) == VOC_CLASSES
+    # the VOCdevkit folder above it works too
+    assert open_voc(tmp_path / "VOCdevkit", "test").classes == VOC_CLASSES
+
+
+def test_split_file_tolerates_blank_lines_and_flags(tmp_path, tiny_voc):
+    (tiny_voc / "ImageSets" / "Main" / "odd.txt").write_text("img1  1\n\nimg2 -1\nimg1 1\n")
+    assert read_split_ids(tiny_voc, "odd") == ["img1", "img2"]
+
+
+def test_missing_split_names_available_ones(tiny_voc):
+    with pytest.raises(AnnotationError, match="available splits: all, test, trainval"):
+        open_voc(tiny_voc, "val")
+
+
+def test_missing_annotation_names_the_file(tiny_voc):
+    (tiny_voc / "Annotations" / "img2.xml").unlink()
+    with pytest.raises(AnnotationError) as err:
+        open_voc(tiny_voc, "trainval", classes=("cat", "dog"))
+    assert "img2.xml" in str(err.value) and "missing" in str(err.value)
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("<annotation><object><name>cat</name>", "malformed XML"),
+    ("", "malformed XML"),
+    ("<notvoc/>", "expected <annotation>"),
+    ("<annotation><object><name>cat</name></object></annotation>", "no <bndbox>"),
+    ("<annotation><object><bndbox><xmin>1</xmin></bndbox></object></annotation>", "no <name>"),
+    ("<annotation><object><name>cat</name><bndbox><xmin>a</xmin><ymin>1</ymin><xmax>2</xmax>"
+     "<ymax>2</ymax></bndbox></object></annotation>", "'a' is not a number"),
+    ("<annotation><object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>2</xmax>"
+     "</bndbox></object></annotation>", "no <ymax>"),
+    ("<annotation><object><name>cat</name><bndbox><xmin>9</xmin><ymin>1</ymin><xmax>2</xmax>"
+     "<ymax>5</ymax></bndbox></object></annotation>", "empty box"),
+])
+def test_malformed_annotation_is_one_line_error(tmp_path, content, reason):
+    path = tmp_path / "bad.xml"
+    path.write_text(content)
+    with pytest.raises(AnnotationError) as err:
+        parse_annotation(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and reason in message and "\n" not in message
+
+
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<annotation><object><name>&lol3;</name></object></annotation>"""
+
+EXTERNAL_ENTITY = """<?xml version="1.0"?>
+<!DOCTYPE foo [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<annotation><filename>&xxe;</filename></annotation>"""
+
+DTD_ONLY = """<?xml version="1.0"?><!DOCTYPE annotation SYSTEM "http://example.invalid/x.dtd">
+<annotation/>"""
+
+
+@pytest.mark.parametrize("content", [BILLION_LAUGHS, EXTERNAL_ENTITY, DTD_ONLY])
+def test_hostile_xml_is_refused(tmp_path, content):
+    path = tmp_path / "evil.xml"
+    path.write_text(content)
+    with pytest.raises(AnnotationError, match="refused unsafe XML") as err:
+        parse_annotation(path)
+    assert "\n" not in str(err.value)
+
+
+def test_hostile_annotation_stops_the_split(tiny_voc):
+    (tiny_voc / "Annotations" / "img1.xml").write_text(BILLION_LAUGHS)
+    with pytest.raises(AnnotationError, match="img1.xml"):
+        open_voc(tiny_voc, "trainval", classes=("cat",))
+
+
+def test_float_coordinates_and_missing_size(tmp_path, voc_writer):
+    root = voc_writer(tmp_path / "r", {"a": (30, 20, [("x", (1.5, 2, 10.25, 12), 0, 0)])},
+                      {"s": ["a"]})
+    xml = root / "Annotations" / "a.xml"
+    xml.write_text(xml.read_text().replace("<size><width>30</width><height>20</height>"
+                                           "<depth>3</depth></size>", ""))
+    image = open_voc(root, "s")["a"]
+    assert (image.width, image.height) == (30, 20)      # read from the image header
+    assert image.boxes().tolist() == [[0.5, 1, 9.25, 11]]
+
+
+def test_duplicate_class_in_list_is_an_error():
+    with pytest.raises(SppnetError):
+        parse_class_list("a,b,a")
+
+
+def test_root_not_found(tmp_path):
+    with pytest.raises(SppnetError, match="not found"):
+        open_voc(tmp_path / "nope", "test")

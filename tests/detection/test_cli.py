@@ -1,0 +1,61 @@
+"""The command line: help for every subcommand, `score` end to end, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data.results import ClassDetections, write_voc_results
+from detection.cli import build_parser, main
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - introspection
+    assert {"make-demo-data", "score"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: sppnet " + name in capsys.readouterr().out
+
+
+def test_score_prints_table_and_writes_json(tiny_voc, tmp_path, capsys):
+    dets = {"bird": ClassDetections(["img3"], [0.9], [[9, 9, 29, 29]]),
+            "cat": ClassDetections(["img3", "img3"], [0.8, 0.7], [[1, 1, 11, 11], [1, 1, 11, 11]])}
+    write_voc_results(tmp_path / "dets", "test", dets)
+    out_json = tmp_path / "score.json"
+    status = main(["score", "--voc-root", str(tiny_voc), "--split", "test", "--dets",
+                   str(tmp_path / "dets"), "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert status == 0
+    assert "mAP" in captured.out and "100.0" in captured.out
+    assert "dog" in captured.err        # its result file is missing: said on stderr
+    summary = json.loads(out_json.read_text())
+    assert summary["metric"] == "voc07"
+    assert summary["ap"] == {"bird": pytest.approx(1.0), "cat": pytest.approx(1.0), "dog": None}
+    assert summary["mAP"] == pytest.approx(1.0)
+    assert summary["coco"]["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("breakage", ["bad_xml", "no_dets", "bad_line"])
+def test_score_errors_are_one_line(tiny_voc, tmp_path, capsys, breakage):
+    det_dir = tmp_path / "dets"
+    write_voc_results(det_dir, "test", {"cat": ClassDetections(["img3"], [1], [[0, 0, 5, 5]])})
+    if breakage == "bad_xml":
+        (tiny_voc / "Annotations" / "img3.xml").write_text("<annotation><object>")
+        expected = "img3.xml"
+    elif breakage == "no_dets":
+        det_dir = tmp_path / "empty"
+        det_dir.mkdir()
+        expected = "no result files"
+    else:
+        (det_dir / "comp4_det_test_cat.txt").write_text("img3 1 2 3\n")
+        expected = "comp4_det_test_cat.txt: line 1"
+    status = main(["score", "--voc-root", str(tiny_voc), "--split", "test", "--dets", str(det_dir),
+                   "--classes", "bird,cat,dog"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err
