@@ -70,6 +70,89 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def dataset_proposals(dataset, workdir: str | Path, max_proposals: int, jobs: int | None = None,
+                      scheduler: str | None = None) -> dict:
+    """Selective-search boxes `{image_id: [N, 4]}` of a split, through the proposal cache; bad
+    images are reported on stderr and left out."""
+    from proposals.cache import ProposalCache
+    from proposals.runner import run_proposals
+    from proposals.selective_search import ProposalSettings
+
+    settings = ProposalSettings(max_proposals=max_proposals)
+    cache = ProposalCache.for_dataset(workdir, dataset.name, settings)
+    run = run_proposals([(im.image_id, im.path) for im in dataset.images], settings, cache,
+                        jobs=jobs, scheduler=scheduler)
+    for error in run.errors:
+        print(f"skipped {error}", file=sys.stderr)
+    return {r.key: r.boxes for r in run.results}, run
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The paper's per-image timing table for both methods on real images and proposals."""
+    import numpy as np
+    import torch
+
+    from data.images import load_image
+    from data.voc import open_voc, parse_class_list
+    from detection.backbones import build_net
+    from detection.bench import BenchRow, device_description, format_table, matmul_gflops, run_bench
+    from detection.devices import resolve_device
+    from detection.features import ExtractSettings
+    from detection.presets import get_preset
+
+    preset = get_preset(args.preset)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = open_voc(args.voc_root, args.split, parse_class_list(args.classes))
+    if not dataset.images:
+        raise SppnetError(f"{dataset.root}: split {args.split!r} lists no images")
+    dataset.images = dataset.images[:args.images]
+    boxes, run = dataset_proposals(dataset, args.workdir, preset.max_proposals, args.jobs)
+    images = []
+    for im in dataset.images:
+        if im.image_id in boxes:
+            images.append((im.image_id, load_image(im.path), boxes[im.image_id]))
+    if not images:
+        raise SppnetError("no image of the split could be read")
+    net = build_net(preset.backbone, args.weights, crop_size=preset.crop_size).to(device).eval()
+    rows = [BenchRow("SPP-net 1-scale", "spp", preset.scales()),
+            BenchRow("SPP-net 5-scale", "spp", preset.scales(multi=True)),
+            BenchRow("R-CNN", "rcnn", (preset.scale,))]
+    if args.no_multiscale:
+        rows.pop(1)
+    settings = ExtractSettings(max_side=preset.max_side)
+    print(f"timing {len(images)} images of {dataset.name}/{args.split}, {preset.name} preset "
+          f"({preset.backbone}), on {device_description(device)}", file=sys.stderr)
+    result = run_bench(net, images, rows, settings, device, args.rcnn_sample,
+                       progress=lambda text: print(f"  {text}", file=sys.stderr))
+    ss = [r.seconds for r in run.results if r.key in {i[0] for i in images}]
+    matmul = matmul_gflops(device)
+    table = result["rows"]
+    spp, rcnn = table["SPP-net 1-scale"], table["R-CNN"]
+    summary = {
+        "spp": spp, "spp_5scale": table.get("SPP-net 5-scale"), "rcnn": rcnn,
+        "speedup": rcnn["total_s"] / spp["total_s"],
+        "speedup_5scale": (rcnn["total_s"] / table["SPP-net 5-scale"]["total_s"]
+                           if "SPP-net 5-scale" in table else None),
+        "matmul_gflops_per_s": matmul,
+        "selective_search_s": float(np.median(ss)) if ss else None,
+        "regions_per_image": result["regions_per_image"], "images": result["images"],
+        "preset": preset.name, "backbone": preset.backbone,
+        "device": device_description(device), "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+    print(format_table(result))
+    if ss:
+        print(f"selective search (CPU, outside the table): {summary['selective_search_s']:.2f} s "
+              f"per image (median)")
+    print(f"speedup (R-CNN total / SPP-net 1-scale total): {summary['speedup']:.1f}x; "
+          f"fp32 matmul {matmul:.0f} GFLOP/s; {summary['regions_per_image']:.0f} regions per "
+          f"image; {summary['device']}; torch {torch.__version__}")
+    _write_json(args.json, summary)
+    return 0
+
+
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
 
@@ -115,10 +198,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("bench", help="the paper's per-image conv/fc timing table, both methods",
+                       description="Time SPP-net (1 and 5 scales) and R-CNN per image on real "
+                                   "images with their selective-search proposals: conv time, "
+                                   "pooling, fc time, total and speedup, with FLOPs and GFLOP/s.")
+    p.add_argument("--voc-root", required=True, metavar="R", help="VOC-layout dataset root")
+    p.add_argument("--split", required=True, metavar="S", help="image set, e.g. test")
+    p.add_argument("--images", type=_positive, default=5, metavar="N",
+                   help="images to time (default 5; the first is also the warm-up)")
+    p.add_argument("--preset", default="paper", choices=("paper", "small"),
+                   help="network and scales (default paper: ZF-5, 688 px, 2000 proposals)")
+    p.add_argument("--weights", metavar="W",
+                   help="random (default), imagenet, or a weights file; timing does not "
+                        "depend on the values")
+    p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--threads", type=_positive, metavar="T", help="CPU threads for torch")
+    p.add_argument("--rcnn-sample", type=_positive, metavar="K",
+                   help="time R-CNN on K random regions per image and scale up to all regions "
+                        "(labelled as extrapolated)")
+    p.add_argument("--no-multiscale", action="store_true", help="skip the 5-scale SPP-net row")
+    p.add_argument("--jobs", type=_positive, metavar="N", help="selective search processes")
+    p.add_argument("--classes", metavar="a,b,c", help="class list (only to read the split)")
+    _add_workdir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_bench)
+
     from proposals.command import register as register_proposals
 
     register_proposals(sub, _add_workdir, _add_json)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
 
 
 def _non_negative(text: str) -> int:

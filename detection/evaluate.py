@@ -18,11 +18,11 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from data.errors import SppnetError
 from data.results import ClassDetections
 from data.voc import VOCDataset
+from detection.boxes import pixel_iou
 
 METRICS = ("voc07", "area")
 VOC_IOU_THRESHOLD = 0.5
@@ -55,13 +55,6 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, metric: str = "
     raise ValueError(f"unknown metric {metric!r}, expected one of {METRICS}")
 
 
-def _pixel_boxes(boxes: np.ndarray) -> torch.Tensor:
-    """Pixel-index boxes as continuous ones (x2 + 1, y2 + 1), so that `box_iou` gives the
-    devkit's IoU with +1 widths, including zero for boxes that only touch."""
-    t = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
-    return t + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
-
-
 def match_detections(dets: ClassDetections, gt_boxes: Mapping[str, np.ndarray],
                      gt_difficult: Mapping[str, np.ndarray],
                      iou_threshold: float = VOC_IOU_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +81,8 @@ def match_detections(dets: ClassDetections, gt_boxes: Mapping[str, np.ndarray],
         gts = gt_boxes.get(image_id)
         if gts is None or len(gts) == 0:
             continue
-        iou = box_iou(_pixel_boxes(boxes[rows]), _pixel_boxes(gts)).numpy()
+        iou = pixel_iou(torch.as_tensor(boxes[rows]),
+                        torch.as_tensor(gts, dtype=torch.float64)).numpy()
         best_gt[rows] = iou.argmax(axis=1)
         best_iou[rows] = iou.max(axis=1)
         is_difficult[rows] = np.asarray(gt_difficult[image_id], dtype=bool)[best_gt[rows]]

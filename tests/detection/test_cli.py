@@ -59,3 +59,21 @@ def test_score_errors_are_one_line(tiny_voc, tmp_path, capsys, breakage):
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bench_prints_the_table_and_writes_json(drawn_voc, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--voc-root", str(drawn_voc), "--split", "test", "--images", "2",
+                   "--preset", "small", "--rcnn-sample", "3", "--no-multiscale", "--jobs", "1",
+                   "--workdir", str(tmp_path / "w"), "--json", str(out), "--device", "cpu"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "SPP-net 1-scale" in printed and "R-CNN" in printed and "scaled up" in printed
+    summary = json.loads(out.read_text())
+    for method in ("spp", "rcnn"):
+        row = summary[method]
+        assert row["total_s"] == pytest.approx(row["conv_s"] + row["pool_s"] + row["fc_s"])
+        assert row["conv_gflops_per_s"] > 0 and row["fc_gflops_per_s"] > 0
+    assert summary["rcnn"]["extrapolated_from"] == 3
+    assert summary["speedup"] == pytest.approx(summary["rcnn"]["total_s"] / summary["spp"]["total_s"])
+    assert summary["matmul_gflops_per_s"] > 0 and summary["device"].startswith("CPU")

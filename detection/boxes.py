@@ -1,0 +1,47 @@
+"""Box operations in the program's convention: 0-based pixel-inclusive float `(x1, y1, x2, y2)`,
+so a box is `x2 - x1 + 1` pixels wide (the VOC devkit's and R-CNN's convention).
+
+IoU comes from `torchvision.ops.box_iou` on boxes widened by one pixel; the regression targets are
+R-CNN's `(dx, dy, log dw, log dh)` relative to the proposal's centre and size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+_WIDEN = (0.0, 0.0, 1.0, 1.0)
+
+
+def pixel_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise IoU `[N, M]` of pixel-inclusive boxes (areas with +1)."""
+    widen = boxes1.new_tensor(_WIDEN)
+    return box_iou(boxes1 + widen, boxes2.to(boxes1) + widen)
+
+
+def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w = boxes[..., 2] - boxes[..., 0] + 1
+    h = boxes[..., 3] - boxes[..., 1] + 1
+    return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
+def box_deltas(proposals: Tensor, targets: Tensor) -> Tensor:
+    """Regression targets `[N, 4]` that take each proposal to its target box."""
+    px, py, pw, ph = _centre_size(proposals)
+    gx, gy, gw, gh = _centre_size(targets)
+    return torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)],
+                       dim=-1)
+
+
+def apply_deltas(proposals: Tensor, deltas: Tensor) -> Tensor:
+    """Inverse of `box_deltas`: boxes `[..., 4]` from proposals `[N, 4]` and deltas `[..., 4]`
+    (deltas may carry extra leading dims after N, e.g. `[N, K, 4]` per class)."""
+    px, py, pw, ph = _centre_size(proposals)
+    extra = deltas.dim() - proposals.dim()
+    px, py, pw, ph = (t.reshape(t.shape + (1,) * extra) for t in (px, py, pw, ph))
+    cx = px + deltas[..., 0] * pw
+    cy = py + deltas[..., 1] * ph
+    w = pw * torch.exp(deltas[..., 2].clamp(max=4.0))
+    h = ph * torch.exp(deltas[..., 3].clamp(max=4.0))
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w - 1, cy + 0.5 * h - 1], dim=-1)

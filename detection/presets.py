@@ -1,0 +1,45 @@
+"""Named settings for a whole run: `paper` (the SPP-net paper's protocol) and `small` (a narrow
+ZF-5 on small images with fewer proposals, sized for a CPU). A preset is a frozen dataclass that
+is passed along, never a global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from data.errors import SppnetError
+from detection.scales import DEFAULT_MAX_SIDE, PAPER_SCALES, SINGLE_SCALE
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Backbone, image scales, proposals and R-CNN crop of a run."""
+
+    name: str
+    backbone: str
+    scale: int                        # SPP-net single-scale shorter side
+    multi_scales: tuple[int, ...]     # SPP-net multi-scale shorter sides
+    max_side: int                     # cap on the longer side at any scale
+    max_proposals: int                # selective-search boxes per image
+    crop_size: int                    # R-CNN warp size
+
+    def scales(self, multi: bool = False) -> tuple[int, ...]:
+        """The SPP-net scales of a run: one, or the multi-scale set."""
+        return self.multi_scales if multi else (self.scale,)
+
+    def with_changes(self, **changes: object) -> "Preset":
+        """A copy with some fields replaced."""
+        return replace(self, **changes)
+
+
+PRESETS = {
+    "paper": Preset("paper", "zf5", SINGLE_SCALE, PAPER_SCALES, DEFAULT_MAX_SIDE, 2000, 227),
+    "small": Preset("small", "zf5_small", 320, (224, 288, 320, 384, 480), 800, 500, 99),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; an unknown name is a one-line error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise SppnetError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,181 @@
+"""Spatial pyramid pooling of many windows of one feature map, and the projection of image boxes
+onto that map (SPP-net, He et al. 2014, appendix).
+
+Pooling. A window of `w x h` cells is split, per pyramid level `n`, into `n x n` bins; bin `i` spans
+cells `[floor(i*w/n), ceil((i+1)*w/n))` (never empty), exactly as `nn.AdaptiveMaxPool2d(n)` does on
+the cropped window. All windows are pooled in one vectorised step with a 2-D sparse table of range
+maxima (the max over `2^kx x 2^ky` cells at every position): the max of any bin is the max of four
+table entries, gathered for every window and bin at once. When every level divides the finest one
+(the paper's {1, 2, 3, 6}), the coarser levels are exact maxima over blocks of the finest bins.
+
+Flattening order: levels in the order given; within a level, channel-major then row then column,
+i.e. `torch.flatten(AdaptiveMaxPool2d(n)(crop), 0)` for each level, concatenated. With a single
+level of 6 that is AlexNet's pool5 layout, so pretrained fc6 weights line up with it.
+
+Projection. A box in pixels of the (scaled) image maps to the cells whose receptive-field centres
+lie inside it, shrunk a little (the original code's rule for ZF-5, stride 16, first centre at pixel
+20 (0-based), shrink 6.5 px): `left = floor((x1 - c0 + d) / S + 0.5)`,
+`right = ceil((x2 - c0 - d) / S - 0.5)`, the same for y; an inverted window collapses to its middle
+cell; the result is clamped to the map. For other trunks `S` and `c0` come from the architecture and
+`d` is `6.5 / 16` of the stride.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+SPP_LEVELS: tuple[int, ...] = (1, 2, 3, 6)
+SHRINK_FRACTION = 6.5 / 16
+
+
+def spp_output_size(channels: int, levels: Sequence[int] = SPP_LEVELS) -> int:
+    """Length of one pooled vector: `channels * sum(n * n for n in levels)`."""
+    return channels * sum(n * n for n in levels)
+
+
+def project_boxes(boxes: Tensor, stride: float, first_centre: float, map_height: int,
+                  map_width: int, shrink: float | None = None) -> Tensor:
+    """Project boxes `[N, 4]` (0-based pixel xyxy in the image the map was computed on) onto the
+    feature map; returns int64 cell windows `[N, 4]` `(x1, y1, x2, y2)`, inclusive, never empty."""
+    if shrink is None:
+        shrink = SHRINK_FRACTION * stride
+    b = boxes.to(torch.float64)
+    lo = torch.floor((b[:, :2] - first_centre + shrink) / stride + 0.5)
+    hi = torch.ceil((b[:, 2:] - first_centre - shrink) / stride - 0.5)
+    middle = torch.floor((lo + hi) / 2)
+    inverted = lo > hi
+    lo = torch.where(inverted, middle, lo)
+    hi = torch.where(inverted, middle, hi)
+    limit = torch.tensor([map_width - 1, map_height - 1], dtype=torch.float64, device=b.device)
+    lo = torch.minimum(lo.clamp(min=0), limit)
+    hi = torch.minimum(hi.clamp(min=0), limit)
+    return torch.cat([lo, hi], dim=1).to(torch.int64)
+
+
+def _floor_log2(n: Tensor) -> Tensor:
+    """floor(log2(n)) for positive int64 tensors, exactly."""
+    k = torch.floor(torch.log2(n.to(torch.float64))).to(torch.int64)
+    k = k - ((1 << k) > n).to(torch.int64)           # guard against rounding up
+    return k + ((1 << (k + 1)) <= n).to(torch.int64)  # and down
+
+
+def _bins(start: Tensor, length: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Bin edges `[N, n]` of windows starting at `start` with `length` cells, split in `n`."""
+    i = torch.arange(n, device=start.device)
+    lo = (i[None] * length[:, None]) // n
+    hi = -((-(i[None] + 1) * length[:, None]) // n)
+    return start[:, None] + lo, start[:, None] + hi
+
+
+class _RangeMaxTable:
+    """2-D sparse table over a `[C, H, W]` map: entry `(ky, kx, y, x)` holds the channel-wise max
+    over rows `y .. y + 2^ky - 1` and columns `x .. x + 2^kx - 1` (channels last)."""
+
+    def __init__(self, fmap: Tensor, levels_y: int, levels_x: int) -> None:
+        base = fmap.permute(1, 2, 0).contiguous()            # [H, W, C]
+        height, width, channels = base.shape
+        along_x = [base]
+        for k in range(1, levels_x):
+            prev, step = along_x[-1], 1 << (k - 1)
+            cur = prev.clone()
+            cur[:, : width - step] = torch.maximum(prev[:, : width - step], prev[:, step:])
+            along_x.append(cur)
+        rows = []
+        for ky in range(levels_y):
+            if ky == 0:
+                rows.append(along_x)
+                continue
+            step = 1 << (ky - 1)
+            level = []
+            for prev in rows[-1]:
+                cur = prev.clone()
+                cur[: height - step] = torch.maximum(prev[: height - step], prev[step:])
+                level.append(cur)
+            rows.append(level)
+        self.table = torch.stack([torch.stack(r) for r in rows]).reshape(-1, channels)
+        self.levels_x, self.height, self.width = levels_x, height, width
+
+    def max(self, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+        """Max over rows `[y0, y1)` and columns `[x0, x1)` (any equal shapes, non-empty ranges);
+        returns `[*shape, C]`."""
+        ky, kx = _floor_log2(y1 - y0), _floor_log2(x1 - x0)
+        ya, yb = y0, y1 - (1 << ky)
+        xa, xb = x0, x1 - (1 << kx)
+        plane = (ky * self.levels_x + kx) * self.height
+
+        def rows(y: Tensor, x: Tensor) -> Tensor:
+            index = ((plane + y) * self.width + x).reshape(-1)
+            return self.table.index_select(0, index)
+
+        out = torch.maximum(torch.maximum(rows(ya, xa), rows(ya, xb)),
+                            torch.maximum(rows(yb, xa), rows(yb, xb)))
+        return out.reshape(*y0.shape, -1)
+
+
+def _pool_level(table: _RangeMaxTable, windows: Tensor, n: int) -> Tensor:
+    """Pool every window into `n x n` bins: `[N, C, n, n]`."""
+    width = windows[:, 2] - windows[:, 0] + 1
+    height = windows[:, 3] - windows[:, 1] + 1
+    x0, x1 = _bins(windows[:, 0], width, n)                     # [N, n]
+    y0, y1 = _bins(windows[:, 1], height, n)
+    shape = (len(windows), n, n)
+    out = table.max(y0[:, :, None].expand(shape), y1[:, :, None].expand(shape),
+                    x0[:, None, :].expand(shape), x1[:, None, :].expand(shape))
+    return out.permute(0, 3, 1, 2)                                # [N, C, n, n]
+
+
+def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = SPP_LEVELS,
+             chunk: int = 128) -> Tensor:
+    """Spatial pyramid max pooling of many windows of one feature map.
+
+    `fmap` is `[C, H, W]`; `windows` is int64 `[N, 4]` inclusive cell boxes `(x1, y1, x2, y2)`
+    inside the map (as `project_boxes` returns). Returns `[N, C * sum(n*n)]` in the documented
+    flattening order; each level equals `AdaptiveMaxPool2d(n)` on the window's crop. Windows are
+    gathered `chunk` at a time so that intermediates stay small (large temporaries cost page
+    faults on every call on a CPU).
+    """
+    levels = tuple(int(n) for n in levels)
+    channels = fmap.shape[0]
+    out = fmap.new_empty((len(windows), spp_output_size(channels, levels)))
+    if len(windows) == 0:
+        return out
+    windows = windows.to(device=fmap.device, dtype=torch.int64)
+    finest = max(levels)
+    nested = all(finest % n == 0 for n in levels)
+    pooled_levels = (finest,) if nested else levels
+    # the widest bin any level asks for decides how many table levels are needed
+    longest = torch.stack([windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]]) + 1
+    widest_bin = -(-longest.amax(dim=1) // min(pooled_levels)) + 1          # [x, y]
+    table = _RangeMaxTable(fmap, int(widest_bin[1]).bit_length(), int(widest_bin[0]).bit_length())
+    for start in range(0, len(windows), chunk):
+        part = windows[start:start + chunk]
+        pooled = {n: _pool_level(table, part, n) for n in pooled_levels}
+        if nested:
+            fine = pooled[finest]
+            for n in levels:
+                if n != finest:
+                    block = finest // n
+                    pooled[n] = fine.reshape(len(part), channels, n, block, n, block).amax((3, 5))
+        out[start:start + chunk] = torch.cat([pooled[n].flatten(1) for n in levels], dim=1)
+    return out
+
+
+class SpatialPyramidPool(nn.Module):
+    """`spp_pool` as a module: `forward(fmap [C, H, W], windows [N, 4]) -> [N, C * sum(n*n)]`."""
+
+    def __init__(self, levels: Sequence[int] = SPP_LEVELS) -> None:
+        super().__init__()
+        self.levels = tuple(int(n) for n in levels)
+
+    def output_size(self, channels: int) -> int:
+        """Pooled vector length for a map with `channels` channels."""
+        return spp_output_size(channels, self.levels)
+
+    def forward(self, fmap: Tensor, windows: Tensor) -> Tensor:
+        return spp_pool(fmap, windows, self.levels)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"

@@ -1,0 +1,28 @@
+"""Pixel IoU and box regression targets."""
+
+from __future__ import annotations
+
+import torch
+
+from detection.boxes import apply_deltas, box_deltas, pixel_iou
+
+
+def test_pixel_iou_counts_plus_one():
+    a = torch.tensor([[0.0, 0.0, 9.0, 9.0]])
+    b = torch.tensor([[5.0, 0.0, 14.0, 9.0], [10.0, 10.0, 12.0, 12.0]])
+    # 5 x 10 overlap of two 10 x 10 boxes: 50 / 150
+    assert torch.allclose(pixel_iou(a, b), torch.tensor([[50 / 150, 0.0]]))
+
+
+def test_deltas_round_trip_and_identity():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 100
+    p = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g) * 60], 1)
+    xy = torch.rand(50, 2, generator=g) * 100
+    t = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g) * 60], 1)
+    d = box_deltas(p, t)
+    assert torch.allclose(apply_deltas(p, d), t, atol=1e-3)
+    assert torch.allclose(box_deltas(p, p), torch.zeros(50, 4), atol=1e-6)
+    per_class = apply_deltas(p, torch.stack([d, torch.zeros_like(d)], dim=1))   # [N, K, 4]
+    assert torch.allclose(per_class[:, 0], t, atol=1e-3)
+    assert torch.allclose(per_class[:, 1], p, atol=1e-4)

@@ -1,0 +1,75 @@
+"""`extract`: SPP-net (conv once, project, pool) and R-CNN (warp each box) against per-box
+references, multi-scale assignment, and the timing hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detection.backbones import build_net
+from detection.features import ExtractSettings, extract
+from detection.rcnn_warp import warp_regions
+from detection.scales import assign_scales, resize_image, scale_factor
+from detection.spp import project_boxes
+from detection.timing import StageTimer
+
+
+@pytest.fixture(scope="module")
+def net():
+    return build_net("zf5_small", seed=0, crop_size=99)
+
+
+@pytest.fixture(scope="module")
+def image_and_boxes():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    xy = rng.uniform(0, 120, (12, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(4, 100, (12, 2)), [159, 119])], 1)
+    boxes[0] = [0, 0, 159, 119]         # large enough for the smaller of two scales
+    return image, torch.tensor(boxes, dtype=torch.float32)
+
+
+def test_spp_equals_per_box_crop_and_adaptive_pool(net, image_and_boxes):
+    image, boxes = image_and_boxes
+    settings = ExtractSettings(scales=(200, 400), max_side=800)
+    timer = StageTimer("cpu")
+    ours = extract(net, image, boxes, "spp", settings, timer)
+    assert set(timer.seconds) == {"conv", "pool", "fc"}
+    with torch.inference_mode():
+        pre = net.preprocess(image)
+        factors = [scale_factor(120, 160, s, 800) for s in settings.scales]
+        maps = [net.trunk(resize_image(pre, f))[0] for f in factors]
+        chosen = assign_scales(boxes, factors)
+        assert set(chosen.tolist()) == {0, 1}      # both scales are used
+        for box, k in zip(boxes, chosen.tolist()):
+            fmap = maps[k]
+            x1, y1, x2, y2 = project_boxes(box[None] * factors[k], net.stride, net.first_centre,
+                                           fmap.shape[1], fmap.shape[2])[0].tolist()
+            crop = fmap[:, y1:y2 + 1, x1:x2 + 1]
+            pooled = torch.cat([nn.AdaptiveMaxPool2d(n)(crop).flatten() for n in net.spp_levels])
+            expected = net.spp_fc(pooled[None])[0]
+            row = int((boxes == box).all(dim=1).nonzero()[0])
+            assert torch.allclose(ours[row], expected, atol=1e-5)
+
+
+def test_rcnn_equals_one_box_at_a_time(net, image_and_boxes):
+    image, boxes = image_and_boxes
+    timer = StageTimer("cpu")
+    ours = extract(net, image, boxes, "rcnn", ExtractSettings(rcnn_chunk=5), timer)
+    assert set(timer.seconds) == {"conv", "fc"}
+    with torch.inference_mode():
+        pre = net.preprocess(image)
+        for row, box in enumerate(boxes):
+            warped = warp_regions(pre, box[None], crop=99)
+            expected = net.rcnn_fc(net.pool5(net.trunk(warped)).flatten(1))[0]
+            assert torch.allclose(ours[row], expected, atol=1e-5)
+
+
+def test_no_boxes_and_unknown_method(net, image_and_boxes):
+    image, _ = image_and_boxes
+    for method in ("spp", "rcnn"):
+        assert extract(net, image, np.zeros((0, 4)), method).shape == (0, net.feature_dim)
+    with pytest.raises(ValueError):
+        extract(net, image, np.zeros((0, 4)), "fast-rcnn")
