@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,21 +71,88 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def dataset_proposals(dataset, workdir: str | Path, max_proposals: int, jobs: int | None = None,
-                      scheduler: str | None = None) -> dict:
-    """Selective-search boxes `{image_id: [N, 4]}` of a split, through the proposal cache; bad
-    images are reported on stderr and left out."""
-    from proposals.cache import ProposalCache
-    from proposals.runner import run_proposals
-    from proposals.selective_search import ProposalSettings
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train SPP-net or R-CNN on a VOC-layout split."""
+    import torch
 
-    settings = ProposalSettings(max_proposals=max_proposals)
-    cache = ProposalCache.for_dataset(workdir, dataset.name, settings)
-    run = run_proposals([(im.image_id, im.path) for im in dataset.images], settings, cache,
-                        jobs=jobs, scheduler=scheduler)
-    for error in run.errors:
-        print(f"skipped {error}", file=sys.stderr)
-    return {r.key: r.boxes for r in run.results}, run
+    from data.voc import open_voc, parse_class_list
+    from detection.devices import resolve_device
+    from detection.pipeline import train_detector
+    from detection.presets import get_preset
+    from detection.train import TrainSettings
+
+    preset = get_preset(args.preset)
+    device = resolve_device(args.device)
+    dataset = open_voc(args.voc_root, args.split, parse_class_list(args.classes))
+    if not dataset.images:
+        raise SppnetError(f"{dataset.root}: split {args.split!r} lists no images")
+    settings = TrainSettings(seed=args.seed)
+    if args.finetune_iters:
+        settings = replace(settings, finetune_iters=args.finetune_iters)
+    if args.pretrain_epochs is not None:
+        settings = replace(settings, pretrain_epochs=args.pretrain_epochs)
+    torch.manual_seed(args.seed)
+    scales = _parse_scales(args.scales, preset)
+    path, summary = train_detector(dataset, args.method, preset, args.workdir, settings, device,
+                                   scales=scales, weights=args.weights,
+                                   box_regression=not args.no_box_regression, jobs=args.jobs,
+                                   quiet=args.quiet)
+    print(f"trained {args.method} on {summary['images']} images of {dataset.name}/{args.split} "
+          f"in {summary['seconds']:.0f} s: {path}")
+    _write_json(args.json, {**summary, "model": str(path)})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a trained detector on a split: result files, AP table, PR curves, report."""
+    from data.voc import open_voc
+    from detection.devices import resolve_device
+    from detection.evaluate import format_ap_table
+    from detection.model import load_detector
+    from detection.pipeline import evaluate_detector, model_path
+    from detection.presets import get_preset
+
+    device = resolve_device(args.device)
+    preset = get_preset(args.preset)
+    if args.model:
+        path = Path(args.model)
+    else:
+        from data.voc import resolve_root
+
+        path = model_path(args.workdir, resolve_root(args.voc_root).name, preset, args.method)
+        if not path.is_file():
+            raise SppnetError(f"{path}: no trained {args.method} model; run `sppnet train "
+                              f"--method {args.method}` with the same --workdir first")
+    detector = load_detector(path, device)
+    if detector.method != args.method:
+        raise SppnetError(f"{path}: a {detector.method} model, not {args.method}")
+    if args.scales:
+        detector.scales = _parse_scales(args.scales, detector.preset)
+    if args.scorer:
+        detector.scorer = args.scorer
+    dataset = open_voc(args.voc_root, args.split, detector.classes)
+    summary = evaluate_detector(detector, dataset, args.workdir, args.out, args.metric,
+                                args.jobs, quiet=args.quiet)
+    print(format_ap_table(summary["ap"], summary["mAP"],
+                          title="AP07" if args.metric == "voc07" else "AP"))
+    print(f"{args.method} ({'+'.join(map(str, detector.scales))} px, {detector.scorer}): "
+          f"mAP {summary['mAP']:.3f}; result files, pr_curves.png and report.md in {args.out}")
+    _write_json(args.json, summary)
+    return 0
+
+
+def _parse_scales(text: str | None, preset) -> tuple[int, ...] | None:
+    """`--scales`: '1' (the preset's single scale), '5' (its multi-scale set) or sizes '480,688'."""
+    if not text:
+        return None
+    if text == "1":
+        return preset.scales()
+    if text == "5":
+        return preset.scales(multi=True)
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SppnetError(f"--scales {text!r}: expected 1, 5 or sizes like 480,688") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -108,6 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not dataset.images:
         raise SppnetError(f"{dataset.root}: split {args.split!r} lists no images")
     dataset.images = dataset.images[:args.images]
+    from detection.pipeline import dataset_proposals
+
     boxes, run = dataset_proposals(dataset, args.workdir, preset.max_proposals, args.jobs)
     images = []
     for im in dataset.images:
@@ -222,6 +292,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workdir(p)
     _add_json(p)
     p.set_defaults(func=cmd_bench)
+
+    for name, func, helptext in (
+            ("train", cmd_train, "train SPP-net or R-CNN on a VOC-layout split"),
+            ("eval", cmd_eval, "evaluate a trained detector: VOC result files, AP, PR curves")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--voc-root", required=True, metavar="R", help="VOC-layout dataset root")
+        p.add_argument("--split", required=True, metavar="S",
+                       help="image set (train: trainval; eval: test)")
+        p.add_argument("--method", required=True, choices=("spp", "rcnn"))
+        p.add_argument("--preset", default="small", choices=("paper", "small"),
+                       help="network, scales and proposals (default small: CPU-sized)")
+        p.add_argument("--scales", metavar="1|5|S,S",
+                       help="SPP-net scales: 1 (default), 5 (the paper's five) or sizes")
+        p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
+        p.add_argument("--jobs", type=_positive, metavar="N", help="selective search processes")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_workdir(p)
+        _add_json(p)
+        p.set_defaults(func=func)
+        if name == "train":
+            p.add_argument("--classes", metavar="a,b,c",
+                           help="class list (default: VOC's 20 for VOC20xx, else found in "
+                                "annotations)")
+            p.add_argument("--weights", metavar="W",
+                           help="start the trunk from imagenet (alexnet/vgg16) or a file "
+                                "instead of pre-training it here")
+            p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+            p.add_argument("--no-box-regression", action="store_true",
+                           help="skip bounding-box regression")
+            p.add_argument("--finetune-iters", type=_positive, metavar="N",
+                           help="fine-tuning iterations")
+            p.add_argument("--pretrain-epochs", type=int, metavar="N",
+                           help="trunk pre-training epochs")
+        else:
+            p.add_argument("--out", required=True, metavar="DIR",
+                           help="folder for result files, pr_curves.png, report.md")
+            p.add_argument("--model", metavar="PATH", help="a detector file (default: the "
+                                                           "one trained in --workdir)")
+            p.add_argument("--metric", choices=("voc07", "area"), default="voc07")
+            p.add_argument("--scorer", choices=("svm", "softmax"),
+                           help="score with the SVMs (default) or the fine-tuned softmax")
 
     from proposals.command import register as register_proposals
 

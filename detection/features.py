@@ -109,10 +109,12 @@ def fc_features(head: torch.nn.Module, pooled: Tensor, chunk: int = 1024) -> Ten
 
 def extract(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor | np.ndarray,
             method: str, settings: ExtractSettings = ExtractSettings(),
-            timer: StageTimer | None = None) -> Tensor:
+            timer: StageTimer | None = None, return_pooled: bool = False
+            ) -> Tensor | tuple[Tensor, Tensor]:
     """fc7 features `[N, hidden]` of `boxes` `[N, 4]` (0-based xyxy pixels of `image`, an HxWx3
     uint8 RGB array or tensor) by `method` ('spp' or 'rcnn'), in inference mode on the net's
-    device. Stage times go to `timer` if given."""
+    device. Stage times go to `timer` if given. With `return_pooled`, also the pooled conv
+    features the fc layers read (SPP pyramid or R-CNN pool5): `(pooled, fc7)`."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}, expected one of {METHODS}")
     timer = timer or NullTimer()
@@ -132,4 +134,5 @@ def extract(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor | np.nda
                 pooled = rcnn_pool5(net, image, boxes, crop, settings.context, chunk)
             head = net.rcnn_fc
         with timer.stage("fc"):
-            return fc_features(head, pooled, settings.fc_chunk)
+            fc7 = fc_features(head, pooled, settings.fc_chunk)
+    return (pooled, fc7) if return_pooled else fc7

@@ -1,0 +1,116 @@
+"""A trained detector: the net, its method, the class list, the scorer (SVMs or the fine-tuned
+softmax fc8), box regressors, and how features are computed. Saved as tensors plus a JSON-able
+config and loaded with `torch.load(weights_only=True)`: nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from data.atomic import atomic_write
+from data.errors import SppnetError
+from detection.backbones import DetectorNet, load_checkpoint
+from detection.features import ExtractSettings, extract
+from detection.postprocess import clip_boxes, detections_from_scores
+from detection.presets import Preset
+from detection.timing import StageTimer
+
+MODEL_FORMAT = "sppnet-detector-1"
+
+
+@dataclass
+class Detector:
+    """Everything test time needs; `detect` gives torchvision-style outputs."""
+
+    net: DetectorNet
+    method: str
+    classes: tuple[str, ...]
+    preset: Preset
+    scales: tuple[int, ...]
+    fc8: nn.Linear
+    svm: object | None = None          # svm.LinearSVMDetector
+    box_regressor: object | None = None  # detection.bbox_regression.BoxRegressor
+    scorer: str = "svm"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def settings(self) -> ExtractSettings:
+        """Feature settings of this detector."""
+        return ExtractSettings(scales=self.scales, max_side=self.preset.max_side)
+
+    def scores(self, fc7: Tensor) -> Tensor:
+        """Class scores `[N, K]`: SVM margins, or softmax probabilities of fc8 without the
+        background column."""
+        if self.scorer == "svm" and self.svm is not None:
+            return torch.as_tensor(self.svm.decision_function(fc7.cpu().numpy()))
+        with torch.inference_mode():
+            return torch.softmax(self.fc8(fc7), dim=1)[:, 1:].cpu()
+
+    def detect(self, image: np.ndarray, proposals: np.ndarray | Tensor,
+               score_threshold: float | None = None, timer: StageTimer | None = None) -> dict:
+        """Detections of one HxWx3 uint8 image from its proposals: per-class NMS at 0.3, at
+        most 100 per class; boxes regressed when a regressor is present."""
+        boxes = torch.as_tensor(np.asarray(proposals), dtype=torch.float32).reshape(-1, 4)
+        height, width = image.shape[:2]
+        if len(boxes) == 0:
+            return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                    "scores": torch.zeros(0)}
+        pooled, fc7 = extract(self.net, image, boxes, self.method, self.settings, timer,
+                              return_pooled=True)
+        scores = self.scores(fc7)
+        per_class = boxes
+        if self.box_regressor is not None:
+            per_class = clip_boxes(self.box_regressor.predict(pooled.cpu(), boxes), width, height)
+        if score_threshold is None:
+            score_threshold = -float("inf") if self.scorer == "svm" else 1e-3
+        return detections_from_scores(per_class, scores, score_threshold)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the detector (atomically)."""
+        config = {"format": MODEL_FORMAT, "method": self.method, "classes": list(self.classes),
+                  "preset": asdict(self.preset), "scales": list(self.scales),
+                  "scorer": self.scorer, "backbone": self.net.name,
+                  "spp_levels": list(self.net.spp_levels), "crop_size": self.net.crop_size,
+                  "info": json.dumps(self.info)}
+        payload = {"config": config, "state_dict": self.net.state_dict(),
+                   "fc8": self.fc8.state_dict()}
+        if self.svm is not None:
+            state = self.svm.to_state()
+            payload["svm"] = {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()
+                              if k != "config"}
+            payload["svm_config"] = json.dumps(state["config"])
+        if self.box_regressor is not None:
+            payload["box_regressor"] = self.box_regressor.to_state()
+        return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_detector(path: str | Path, device: torch.device | str = "cpu") -> Detector:
+    """Read a detector written by `Detector.save`; a wrong file is a one-line error."""
+    data = load_checkpoint(path)
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
+        raise SppnetError(f"{path}: not an sppnet detector (train one with `sppnet train`)")
+    net = DetectorNet(config["backbone"], config["spp_levels"], config["crop_size"])
+    net.load_state_dict(data["state_dict"])
+    net = net.to(device).eval()
+    classes = tuple(config["classes"])
+    fc8 = nn.Linear(net.feature_dim, len(classes) + 1)
+    fc8.load_state_dict(data["fc8"])
+    svm = box_regressor = None
+    if "svm" in data:
+        from svm import LinearSVMDetector
+
+        svm = LinearSVMDetector.from_state({**data["svm"], "config": data["svm_config"]})
+    if "box_regressor" in data:
+        from detection.bbox_regression import BoxRegressor
+
+        box_regressor = BoxRegressor.from_state(data["box_regressor"])
+    return Detector(net, config["method"], classes, Preset(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in config["preset"].items()}),
+        tuple(config["scales"]), fc8.to(device).eval(), svm, box_regressor, config["scorer"],
+        json.loads(config.get("info") or "{}"))

@@ -1,0 +1,183 @@
+"""The `train` and `eval` runs: proposals through the cache, the training stages with a
+checkpoint after each (a stopped run resumes), and evaluation with result files, PR curves and a
+report. Models live in `WORKDIR/models/<dataset>-<preset>/`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.errors import SppnetError
+from data.voc import VOCDataset
+from detection.backbones import DetectorNet, build_net, load_checkpoint, save_checkpoint
+from detection.model import Detector, load_detector
+from detection.presets import Preset
+
+DEFAULT_SCORER = "svm"
+
+
+def model_dir(workdir: str | Path, dataset_name: str, preset: Preset) -> Path:
+    """Folder of the models trained on one dataset with one preset."""
+    return Path(workdir) / "models" / f"{dataset_name}-{preset.name}"
+
+
+def model_path(workdir: str | Path, dataset_name: str, preset: Preset, method: str) -> Path:
+    """The final detector file of a method."""
+    return model_dir(workdir, dataset_name, preset) / f"{method}.pt"
+
+
+def dataset_proposals(dataset: VOCDataset, workdir: str | Path, max_proposals: int,
+                      jobs: int | None = None, scheduler: str | None = None,
+                      progress: bool = True):
+    """Selective-search boxes `{image_id: [N, 4]}` of a split through the proposal cache, and
+    the run; bad images are reported on stderr and left out."""
+    from proposals.cache import ProposalCache
+    from proposals.runner import run_proposals
+    from proposals.selective_search import ProposalSettings
+
+    settings = ProposalSettings(max_proposals=max_proposals)
+    cache = ProposalCache.for_dataset(workdir, dataset.name, settings)
+    run = run_proposals([(im.image_id, im.path) for im in dataset.images], settings, cache,
+                        jobs=jobs, scheduler=scheduler, progress=progress)
+    for error in run.errors:
+        print(f"skipped {error}", file=sys.stderr)
+    return {r.key: r.boxes for r in run.results}, run
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
+           device: torch.device, weights: str | None, quiet: bool) -> tuple[DetectorNet, dict]:
+    """Stage 1, shared by both methods: load the pre-trained trunk or train and save it."""
+    from detection.train import pretrain_trunk
+
+    path = folder / "trunk.pt"
+    if path.is_file():
+        config = load_checkpoint(path)["config"]
+        if config.get("classes") == list(dataset.classes):
+            _log(f"trunk: reusing {path}")
+            return build_net(preset.backbone, path).to(device), config.get("log", {})
+    net = build_net(preset.backbone, weights, crop_size=preset.crop_size,
+                    seed=settings.seed).to(device)
+    if weights not in (None, "random"):
+        _log(f"trunk: starting from {weights}, no pre-training")
+        log = {"weights": str(weights)}
+    else:
+        _log("trunk: pre-training on crops of the training split (multi-size, SPP head)")
+        log = pretrain_trunk(net, images, len(dataset.classes), settings, device, quiet)
+    save_checkpoint(net, path, {"classes": list(dataset.classes), "log": log})
+    return net, log
+
+
+def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: str | Path,
+                   settings, device: torch.device, scales: tuple[int, ...] | None = None,
+                   weights: str | None = None, box_regression: bool = True,
+                   jobs: int | None = None, quiet: bool = False) -> tuple[Path, dict]:
+    """Train `method` ('spp' or 'rcnn') on `dataset`; returns the model file and a summary."""
+    from svm import LinearSVMDetector
+    from svm.mining import ImageBatch
+
+    from detection.bbox_regression import BoxRegressor
+    from detection.train import finetune, load_training_images, region_features, trunk_digest
+
+    start = time.perf_counter()
+    folder = model_dir(workdir, dataset.name, preset)
+    folder.mkdir(parents=True, exist_ok=True)
+    proposals, _ = dataset_proposals(dataset, workdir, preset.max_proposals, jobs,
+                                     progress=not quiet)
+    images = load_training_images(dataset, proposals, on_error=_log)
+    if not images:
+        raise SppnetError(f"{dataset.root}: no readable training image in split {dataset.split}")
+    scales = scales or preset.scales()
+    net, trunk_log = _trunk(dataset, images, preset, folder, settings, device, weights, quiet)
+    torch.manual_seed(settings.seed)
+    what = "fc6, fc7, fc8 on cached conv5" if method == "spp" else "all layers on warped windows"
+    _log(f"{method}: fine-tuning {what}")
+    conv_cache = (Path(workdir) / "conv5"
+                  / f"{dataset.name}-{trunk_digest(net)}-{'-'.join(map(str, scales))}")
+    fc8, finetune_log = finetune(net, method, images, len(dataset.classes), settings, device,
+                                 scales, preset.max_side, conv_cache, quiet)
+    _log(f"{method}: SVMs with hard negative mining"
+         + (" and box regression" if box_regression else ""))
+    detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8)
+    regressor = BoxRegressor(len(dataset.classes), alpha=4000.0 if method == "spp" else 1000.0,
+                             min_iou=0.5 if method == "spp" else 0.6) if box_regression else None
+
+    def batches():
+        for item, pooled, fc7 in region_features(net, method, images, detector.settings, quiet):
+            if regressor is not None:
+                gt = item.regions.gt_class > 0
+                regressor.add(pooled, item.regions.boxes, item.regions.boxes[gt],
+                              item.regions.gt_class[gt])
+            yield ImageBatch(fc7.numpy(), item.regions.gt_class.numpy(),
+                             item.regions.max_iou.numpy())
+
+    svm_start = time.perf_counter()
+    svm = LinearSVMDetector(random_state=settings.seed).fit(batches())
+    if regressor is not None:
+        regressor.fit()
+    detector.svm, detector.box_regressor = svm, regressor
+    summary = {"method": method, "dataset": dataset.name, "split": dataset.split,
+               "preset": preset.name, "scales": list(scales), "images": len(images),
+               "classes": list(dataset.classes), "trunk": trunk_log, "finetune": finetune_log,
+               "svm_seconds": time.perf_counter() - svm_start,
+               "train_settings": asdict(settings), "seconds": time.perf_counter() - start}
+    detector.info = summary
+    path = detector.save(model_path(workdir, dataset.name, preset, method))
+    return path, summary
+
+
+def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Path,
+                      out_dir: str | Path, metric: str = "voc07", jobs: int | None = None,
+                      examples: int = 4, quiet: bool = False) -> dict:
+    """Detect on every image of the split, write VOC result files, PR curves and report.md in
+    `out_dir`, and return the summary (mAP and per-class AP as fractions)."""
+    from tqdm import tqdm
+
+    from data.images import load_image
+    from data.results import detections_by_class, write_voc_results
+    from detection.evaluate import evaluate_coco, evaluate_voc
+    from detection.report import draw_detections, plot_pr_curves, write_report
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proposals, _ = dataset_proposals(dataset, workdir, detector.preset.max_proposals, jobs,
+                                     progress=not quiet)
+    per_image, seconds, example_files = {}, [], []
+    for image in tqdm(dataset.images, desc=f"detect ({detector.method})", file=sys.stderr,
+                      disable=quiet, dynamic_ncols=True, leave=False):
+        if image.image_id not in proposals:
+            continue
+        pixels = load_image(image.path)
+        start = time.perf_counter()
+        det = detector.detect(pixels, proposals[image.image_id])
+        seconds.append(time.perf_counter() - start)
+        per_image[image.image_id] = {k: v.cpu().numpy() for k, v in det.items()}
+        if len(example_files) < examples:
+            top = det["scores"] > (0.0 if detector.scorer == "svm" else 0.5)   # confident ones
+            name = f"example_{len(example_files) + 1}.jpg"
+            draw_detections(pixels, det["boxes"][top].numpy(), det["labels"][top].numpy(),
+                            det["scores"][top].numpy(), dataset.classes, out_dir / name)
+            example_files.append(name)
+    dets = detections_by_class(per_image, dataset.classes)
+    write_voc_results(out_dir, dataset.split, dets)
+    voc = evaluate_voc(dataset, dets, metric=metric)
+    coco = evaluate_coco(dataset, dets)
+    pr_png = plot_pr_curves(voc["curves"], voc["ap"], out_dir / "pr_curves.png",
+                            f"{detector.method} on {dataset.name}/{dataset.split}")
+    summary = {"method": detector.method, "dataset": dataset.name, "split": dataset.split,
+               "metric": metric, "mAP": voc["mAP"], "ap": voc["ap"],
+               "scales": list(detector.scales), "scorer": detector.scorer,
+               "coco": {k: coco[k] for k in ("AP", "AP50", "AP75")},
+               "images": len(per_image),
+               "seconds_per_image": float(np.median(seconds)) if seconds else None}
+    write_report(out_dir, summary, pr_png.name, example_files)
+    return summary

@@ -1,0 +1,327 @@
+"""Training of both detectors from scratch (no ImageNet here), in the papers' stages:
+
+1. `pretrain_trunk`: the shared conv trunk learns to classify crops of the training split
+   (objects with jitter, and background) at several sizes through an SPP head: SPP-net's
+   multi-size training, standing in for ImageNet pre-training. On crops of the R-CNN warp size
+   the R-CNN head (pool5 -> fc6 -> fc7) is trained on the same crops, so that both methods start
+   from one trunk and from fc layers pre-trained on the same data (fair: neither gets more).
+2. `finetune`: R-CNN fine-tunes all layers on warped windows; SPP-net fine-tunes fc6, fc7 and
+   fc8 on windows pooled from conv5 maps cached on disk (fp16), conv frozen. Minibatches of 128
+   windows, 25% foreground (IoU >= 0.5), background IoU in [0.1, 0.5).
+3. `train_svms`: per-class linear SVMs with hard negative mining on fc7 (svm/), streamed per image.
+4. `train_box_regressors`: ridge regression on the pooled conv features.
+
+Every stage is seeded; the models of finished stages are checkpoints in the model folder, so a
+stopped `train` resumes at the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from data.atomic import atomic_write
+from data.images import load_image
+from detection.backbones import DetectorNet
+from detection.boxes import apply_deltas, pixel_iou
+from detection.features import ConvMaps, ExtractSettings, conv_maps, extract, pool_windows
+from detection.rcnn_warp import warp_regions
+from detection.scales import scale_factor
+from detection.regions import LabelledRegions, label_regions, sample_rows
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Schedule and sizes of the training stages."""
+
+    seed: int = 0
+    pretrain_epochs: int = 8
+    pretrain_jitters: int = 6          # jittered crops per object
+    pretrain_background: int = 12      # background crops per image
+    pretrain_batch: int = 64
+    pretrain_lr: float = 2e-3
+    finetune_iters: int = 400
+    finetune_batch: int = 128
+    finetune_images: int = 4           # images per minibatch
+    fg_fraction: float = 0.25
+    finetune_lr: float = 1e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class TrainImage:
+    """One training image in memory: pixels, its labelled regions (ground truth first)."""
+
+    image_id: str
+    pixels: np.ndarray
+    regions: LabelledRegions
+
+
+def _progress(iterable, desc: str, total: int | None = None, quiet: bool = False):
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, disable=quiet,
+                dynamic_ncols=True, leave=False)
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int,
+               warmup: int = 20) -> None:
+    if step < warmup:
+        lr = base * (step + 1) / warmup
+    else:
+        lr = 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def spp_full_window(net: DetectorNet, conv5: Tensor) -> Tensor:
+    """Pyramid pooling of whole conv5 maps `[B, C, h, w]` (the window is the full map): the same
+    bins and flattening order as `spp_pool`, batched with `adaptive_max_pool2d`."""
+    return torch.cat([F.adaptive_max_pool2d(conv5, n).flatten(1) for n in net.spp_levels], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. pre-training
+
+
+def _jitter(boxes: Tensor, count: int, rng: np.random.Generator,
+            min_iou: float = 0.6) -> tuple[Tensor, Tensor]:
+    """Up to `count` random shifts and rescalings of each box `[G, 4]` with IoU >= `min_iou` to
+    it; returns the boxes and the index of the box each came from."""
+    if len(boxes) == 0 or count == 0:
+        return boxes.new_zeros((0, 4)), torch.zeros(0, dtype=torch.int64)
+    owner = torch.arange(len(boxes)).repeat_interleave(count * 3)      # sorted: 3x the tries
+    deltas = torch.as_tensor(rng.normal(0, [0.12, 0.12, 0.18, 0.18], (len(owner), 4)),
+                             dtype=torch.float32)
+    moved = apply_deltas(boxes[owner], deltas)
+    ok = pixel_iou(moved, boxes)[torch.arange(len(moved)), owner] >= min_iou
+    moved, owner = moved[ok], owner[ok]
+    rank = torch.arange(len(owner)) - torch.searchsorted(owner, owner)
+    return moved[rank < count], owner[rank < count]
+
+
+def pretrain_crops(net: DetectorNet, images: Sequence[TrainImage], settings: TrainSettings,
+                   rng: np.random.Generator, quiet: bool = False) -> tuple[Tensor, Tensor]:
+    """Crops `[M, 3, S, S]` (fp16, preprocessed, S = the R-CNN warp size) and labels `[M]` of
+    objects (ground truth and jittered copies) and background proposals (IoU < 0.3)."""
+    crops, labels = [], []
+    for item in _progress(images, "pretrain crops", quiet=quiet):
+        r = item.regions
+        gt = r.gt_class > 0
+        gt_boxes, gt_labels = r.boxes[gt], r.gt_class[gt]
+        jittered, owner = _jitter(gt_boxes, settings.pretrain_jitters, rng)
+        background = torch.nonzero((r.gt_class == 0) & (r.best_iou < 0.3)).flatten().numpy()
+        if len(background):
+            background = rng.choice(background, min(len(background),
+                                                    settings.pretrain_background), replace=False)
+        boxes = torch.cat([gt_boxes, jittered,
+                           r.boxes[torch.as_tensor(background, dtype=torch.long)]])
+        lab = torch.cat([gt_labels, gt_labels[owner], torch.zeros(len(background),
+                                                                   dtype=torch.int64)])
+        if len(boxes) == 0:
+            continue
+        with torch.inference_mode():
+            pre = net.preprocess(item.pixels).cpu()
+            crops.append(warp_regions(pre, boxes, net.crop_size).half())
+        labels.append(lab)
+    return torch.cat(crops), torch.cat(labels)
+
+
+def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: int,
+                   settings: TrainSettings, device: torch.device, quiet: bool = False
+                   ) -> dict:
+    """Stage 1: multi-size crop classification through an SPP head (and the R-CNN head on
+    crops of the warp size). Trains the trunk, `spp_fc`, `rcnn_fc`; returns a log dict."""
+    rng = np.random.default_rng(settings.seed)
+    torch.manual_seed(settings.seed)
+    crops, labels = pretrain_crops(net, images, settings, rng, quiet)
+    size = net.crop_size
+    sizes = [size, int(round(size * 0.65)), size, int(round(size * 0.8))]
+    heads = nn.ModuleDict({"spp": nn.Linear(net.feature_dim, num_classes + 1),
+                           "rcnn": nn.Linear(net.feature_dim, num_classes + 1)}).to(device)
+    params = [p for m in (net.trunk, net.spp_fc, net.rcnn_fc, heads) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.pretrain_lr,
+                                  weight_decay=settings.weight_decay)
+    steps_per_epoch = max(1, len(crops) // settings.pretrain_batch)
+    total = steps_per_epoch * settings.pretrain_epochs
+    net.train()
+    start, step, losses = time.perf_counter(), 0, []
+    bar = _progress(range(total), "pretrain", total=total, quiet=quiet)
+    for epoch in range(settings.pretrain_epochs):
+        order = torch.as_tensor(rng.permutation(len(crops)))
+        for k in range(steps_per_epoch):
+            idx = order[k * settings.pretrain_batch:(k + 1) * settings.pretrain_batch]
+            x = crops[idx].float().to(device)
+            y = labels[idx].to(device)
+            if rng.random() < 0.5:
+                x = x.flip(3)
+            s = sizes[step % len(sizes)]
+            if s != size:
+                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                                  antialias=True)
+            _cosine_lr(optimizer, settings.pretrain_lr, step, total)
+            conv5 = net.trunk(x)
+            loss = F.cross_entropy(heads["spp"](net.spp_fc(spp_full_window(net, conv5))), y)
+            if s == size:
+                loss = loss + F.cross_entropy(
+                    heads["rcnn"](net.rcnn_fc(net.pool5(conv5).flatten(1))), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix_str(f"epoch {epoch + 1} loss {np.mean(losses[-20:]):.3f}")
+    bar.close()
+    net.eval()
+    return {"crops": len(crops), "steps": total, "final_loss": float(np.mean(losses[-50:])),
+            "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. fine-tuning
+
+
+def trunk_digest(net: DetectorNet) -> str:
+    """A short hash of the trunk's weights: names the conv5 cache, so that a new trunk never
+    reads another trunk's maps."""
+    h = hashlib.sha256()
+    for name, tensor in net.trunk.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def cached_conv5(net: DetectorNet, images: Sequence[TrainImage], scales: tuple[int, ...],
+                 max_side: int, folder: Path, quiet: bool = False) -> list[list[Tensor]]:
+    """conv5 maps of every image at every scale, read from `folder` (fp16 `.pt` files, written
+    atomically, so a stopped run resumes) or computed once and stored there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for item in _progress(images, "conv5 cache", quiet=quiet):
+        path = folder / f"{hashlib.sha1(item.image_id.encode()).hexdigest()[:16]}.pt"
+        maps = None
+        if path.is_file():
+            try:
+                maps = torch.load(path, weights_only=True)["maps"]
+            except Exception:  # damaged entry: recompute
+                maps = None
+        if maps is None or len(maps) != len(scales):
+            with torch.inference_mode():
+                conv = conv_maps(net, item.pixels, scales, max_side)
+            maps = [m.half().cpu() for m in conv.maps]
+            atomic_write(path, lambda f, m=maps: torch.save({"maps": m}, f))
+        out.append(maps)
+    return out
+
+
+def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_classes: int,
+             settings: TrainSettings, device: torch.device, scales: tuple[int, ...] = (688,),
+             max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False
+             ) -> tuple[nn.Linear, dict]:
+    """Stage 2: fine-tune `method`'s head (R-CNN: all layers) with a new (K+1)-way fc8.
+    Returns fc8 (the softmax scorer) and a log dict."""
+    rng = np.random.default_rng(settings.seed + 1)
+    torch.manual_seed(settings.seed + 1)
+    fc8 = nn.Linear(net.feature_dim, num_classes + 1).to(device)
+    if method == "spp":
+        maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet)
+        params = list(net.spp_fc.parameters()) + list(fc8.parameters())
+    else:
+        params = (list(net.trunk.parameters()) + list(net.rcnn_fc.parameters())
+                  + list(fc8.parameters()))
+    optimizer = torch.optim.AdamW(params, lr=settings.finetune_lr,
+                                  weight_decay=settings.weight_decay)
+    per_image = settings.finetune_batch // settings.finetune_images
+    start, losses = time.perf_counter(), []
+    bar = _progress(range(settings.finetune_iters), f"finetune {method}", quiet=quiet)
+    for step in bar:
+        _cosine_lr(optimizer, settings.finetune_lr, step, settings.finetune_iters)
+        chosen = rng.choice(len(images), settings.finetune_images,
+                            replace=len(images) < settings.finetune_images)
+        pooled, targets = [], []
+        if method == "rcnn":
+            net.train()
+            warps = []
+            for i in chosen:
+                item = images[i]
+                rows = sample_rows(item.regions, per_image, settings.fg_fraction, rng)
+                pre = net.preprocess(item.pixels)
+                warps.append(warp_regions(pre, item.regions.boxes[rows], net.crop_size))
+                targets.append(item.regions.label[rows])
+            x = torch.cat(warps)
+            if rng.random() < 0.5:
+                x = x.flip(3)
+            logits = fc8(net.rcnn_fc(net.pool5(net.trunk(x)).flatten(1)))
+        else:
+            net.spp_fc.train()
+            with torch.no_grad():
+                for i in chosen:
+                    item = images[i]
+                    rows = sample_rows(item.regions, per_image, settings.fg_fraction, rng)
+                    h, w = item.pixels.shape[:2]
+                    factors = [scale_factor(h, w, s, max_side) for s in scales]
+                    conv = ConvMaps(factors, [m.to(device).float() for m in maps[i]])
+                    pooled.append(pool_windows(net, conv, item.regions.boxes[rows]))
+                    targets.append(item.regions.label[rows])
+            logits = fc8(net.spp_fc(torch.cat(pooled)))
+        loss = F.cross_entropy(logits, torch.cat(targets).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix_str(f"loss {np.mean(losses[-20:]):.3f}")
+    net.eval()
+    return fc8.eval(), {"iterations": settings.finetune_iters,
+                        "final_loss": float(np.mean(losses[-50:])),
+                        "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-4. SVMs and box regression on features of every training region
+
+
+def region_features(net: DetectorNet, method: str, images: Sequence[TrainImage],
+                    settings: ExtractSettings, quiet: bool = False
+                    ) -> Iterator[tuple[TrainImage, Tensor, Tensor]]:
+    """`(image, pooled, fc7)` of every row of every image, one image at a time (never the whole
+    split's features in memory)."""
+    for item in _progress(images, f"{method} features", quiet=quiet):
+        pooled, fc7 = extract(net, item.pixels, item.regions.boxes, method, settings,
+                              return_pooled=True)
+        yield item, pooled.cpu(), fc7.cpu()
+
+
+def load_training_images(dataset, proposals: dict[str, np.ndarray],
+                         on_error: Callable[[str], None] | None = None) -> list[TrainImage]:
+    """The split's images in memory with their labelled regions (images without proposals or
+    that cannot be read are reported and left out)."""
+    from data.errors import ImageLoadError
+    from detection.regions import training_objects
+
+    out = []
+    for image in dataset.images:
+        if image.image_id not in proposals:
+            continue
+        try:
+            pixels = load_image(image.path)
+        except ImageLoadError as exc:
+            if on_error:
+                on_error(str(exc))
+            continue
+        gt_boxes, gt_labels = training_objects(image, dataset.classes)
+        regions = label_regions(proposals[image.image_id], gt_boxes, gt_labels,
+                                len(dataset.classes))
+        out.append(TrainImage(image.image_id, pixels, regions))
+    return out
