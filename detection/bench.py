@@ -179,3 +179,68 @@ def format_table(result: dict, paper: bool = True) -> str:
         lines.append("paper (ZF-5, GPU): SPP-net 1-scale 0.053 + 0.089 = 0.142 s, "
                      "R-CNN 8.96 + 0.07 = 9.03 s, 64x")
     return "\n".join(lines)
+
+
+def bench_split(dataset, preset, workdir, device: torch.device, images: int,
+                rcnn_sample: int | None = None, multiscale: bool = True,
+                weights: str | None = None, jobs: int | None = None,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """`sppnet bench` on the first `images` images of a split: their cached proposals, a net of
+    the preset (timing does not depend on the weights' values), every row timed. Returns the
+    JSON summary."""
+    import sys
+
+    from data.errors import SppnetError
+    from data.images import load_image
+    from detection.backbones import build_net
+    from detection.pipeline import dataset_proposals
+
+    if not dataset.images:
+        raise SppnetError(f"{dataset.root}: split {dataset.split!r} lists no images")
+    dataset.images = dataset.images[:images]
+    boxes, run = dataset_proposals(dataset, workdir, preset.max_proposals, jobs,
+                                   progress=progress is not None)
+    loaded = [(im.image_id, load_image(im.path), boxes[im.image_id])
+              for im in dataset.images if im.image_id in boxes]
+    if not loaded:
+        raise SppnetError("no image of the split could be read")
+    net = build_net(preset.backbone, weights, crop_size=preset.crop_size).to(device).eval()
+    rows = [BenchRow("SPP-net 1-scale", "spp", preset.scales())]
+    if multiscale:
+        rows.append(BenchRow("SPP-net 5-scale", "spp", preset.scales(multi=True)))
+    rows.append(BenchRow("R-CNN", "rcnn", (preset.scale,)))
+    settings = ExtractSettings(max_side=preset.max_side)
+    if progress:
+        print(f"timing {len(loaded)} images of {dataset.name}/{dataset.split}, {preset.name} "
+              f"preset ({preset.backbone}), on {device_description(device)}", file=sys.stderr)
+    result = run_bench(net, loaded, rows, settings, device, rcnn_sample, progress=progress)
+    table = result["rows"]
+    spp, rcnn = table["SPP-net 1-scale"], table["R-CNN"]
+    timed = {i[0] for i in loaded}
+    ss = [r.seconds for r in run.results if r.key in timed]
+    multi = table.get("SPP-net 5-scale")
+    return {
+        "spp": spp, "spp_5scale": multi, "rcnn": rcnn,
+        "speedup": rcnn["total_s"] / spp["total_s"],
+        "speedup_5scale": rcnn["total_s"] / multi["total_s"] if multi else None,
+        "matmul_gflops_per_s": matmul_gflops(device),
+        "selective_search_s": float(np.median(ss)) if ss else None,
+        "regions_per_image": result["regions_per_image"], "images": result["images"],
+        "preset": preset.name, "backbone": preset.backbone,
+        "device": device_description(device), "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "rows": table,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The table and the lines under it, as `sppnet bench` prints them."""
+    lines = [format_table({"rows": summary["rows"]})]
+    if summary["selective_search_s"] is not None:
+        lines.append(f"selective search (CPU, outside the table): "
+                     f"{summary['selective_search_s']:.2f} s per image (median)")
+    lines.append(f"speedup (R-CNN total / SPP-net 1-scale total): {summary['speedup']:.1f}x; "
+                 f"fp32 matmul {summary['matmul_gflops_per_s']:.0f} GFLOP/s; "
+                 f"{summary['regions_per_image']:.0f} regions per image; {summary['device']}; "
+                 f"torch {summary['versions']['torch']}")
+    return "\n".join(lines)

@@ -141,6 +141,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole comparison on the bundled generated dataset, in one command."""
+    from detection.demo import demo_table, run_demo
+    from detection.devices import resolve_device
+
+    summary = run_demo(args.workdir, resolve_device(args.device), seed=args.seed, jobs=args.jobs,
+                       quiet=args.quiet)
+    print(demo_table(summary))
+    print(f"small preset, {summary['device']}; {summary['seconds']:.0f} s in all; report: "
+          f"{Path(args.workdir) / 'demo' / 'report.md'}")
+    _write_json(args.json, summary)
+    return 0
+
+
 def _parse_scales(text: str | None, preset) -> tuple[int, ...] | None:
     """`--scales`: '1' (the preset's single scale), '5' (its multi-scale set) or sizes '480,688'."""
     if not text:
@@ -157,15 +171,11 @@ def _parse_scales(text: str | None, preset) -> tuple[int, ...] | None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """The paper's per-image timing table for both methods on real images and proposals."""
-    import numpy as np
     import torch
 
-    from data.images import load_image
     from data.voc import open_voc, parse_class_list
-    from detection.backbones import build_net
-    from detection.bench import BenchRow, device_description, format_table, matmul_gflops, run_bench
+    from detection.bench import bench_split, format_summary
     from detection.devices import resolve_device
-    from detection.features import ExtractSettings
     from detection.presets import get_preset
 
     preset = get_preset(args.preset)
@@ -173,54 +183,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = open_voc(args.voc_root, args.split, parse_class_list(args.classes))
-    if not dataset.images:
-        raise SppnetError(f"{dataset.root}: split {args.split!r} lists no images")
-    dataset.images = dataset.images[:args.images]
-    from detection.pipeline import dataset_proposals
-
-    boxes, run = dataset_proposals(dataset, args.workdir, preset.max_proposals, args.jobs)
-    images = []
-    for im in dataset.images:
-        if im.image_id in boxes:
-            images.append((im.image_id, load_image(im.path), boxes[im.image_id]))
-    if not images:
-        raise SppnetError("no image of the split could be read")
-    net = build_net(preset.backbone, args.weights, crop_size=preset.crop_size).to(device).eval()
-    rows = [BenchRow("SPP-net 1-scale", "spp", preset.scales()),
-            BenchRow("SPP-net 5-scale", "spp", preset.scales(multi=True)),
-            BenchRow("R-CNN", "rcnn", (preset.scale,))]
-    if args.no_multiscale:
-        rows.pop(1)
-    settings = ExtractSettings(max_side=preset.max_side)
-    print(f"timing {len(images)} images of {dataset.name}/{args.split}, {preset.name} preset "
-          f"({preset.backbone}), on {device_description(device)}", file=sys.stderr)
-    result = run_bench(net, images, rows, settings, device, args.rcnn_sample,
-                       progress=lambda text: print(f"  {text}", file=sys.stderr))
-    ss = [r.seconds for r in run.results if r.key in {i[0] for i in images}]
-    matmul = matmul_gflops(device)
-    table = result["rows"]
-    spp, rcnn = table["SPP-net 1-scale"], table["R-CNN"]
-    summary = {
-        "spp": spp, "spp_5scale": table.get("SPP-net 5-scale"), "rcnn": rcnn,
-        "speedup": rcnn["total_s"] / spp["total_s"],
-        "speedup_5scale": (rcnn["total_s"] / table["SPP-net 5-scale"]["total_s"]
-                           if "SPP-net 5-scale" in table else None),
-        "matmul_gflops_per_s": matmul,
-        "selective_search_s": float(np.median(ss)) if ss else None,
-        "regions_per_image": result["regions_per_image"], "images": result["images"],
-        "preset": preset.name, "backbone": preset.backbone,
-        "device": device_description(device), "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-    }
-    print(format_table(result))
-    if ss:
-        print(f"selective search (CPU, outside the table): {summary['selective_search_s']:.2f} s "
-              f"per image (median)")
-    print(f"speedup (R-CNN total / SPP-net 1-scale total): {summary['speedup']:.1f}x; "
-          f"fp32 matmul {matmul:.0f} GFLOP/s; {summary['regions_per_image']:.0f} regions per "
-          f"image; {summary['device']}; torch {torch.__version__}")
+    summary = bench_split(dataset, preset, args.workdir, device, args.images,
+                          rcnn_sample=args.rcnn_sample, multiscale=not args.no_multiscale,
+                          weights=args.weights, jobs=args.jobs,
+                          progress=lambda text: print(f"  {text}", file=sys.stderr))
+    print(format_summary(summary))
     _write_json(args.json, summary)
     return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Detect objects in every image under a folder: COCO JSON, CSV and annotated copies."""
+    from detection.detect import run_detect_command
+
+    return run_detect_command(args.dir, args.out, model=args.model, workdir=args.workdir,
+                              method=args.method, score_threshold=args.score_threshold,
+                              device=args.device, jobs=args.jobs, json_path=args.json,
+                              quiet=args.quiet)
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -333,6 +312,46 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--metric", choices=("voc07", "area"), default="voc07")
             p.add_argument("--scorer", choices=("svm", "softmax"),
                            help="score with the SVMs (default) or the fine-tuned softmax")
+
+    p = sub.add_parser(
+        "detect", help="detect objects in every image under a folder",
+        description="Run a trained detector on every image under DIR (recursively; images are "
+                    "recognised by content, EXIF orientation applied). Writes to OUT: "
+                    "detections.json (COCO format: images, categories, scored annotations with "
+                    "bbox [x, y, w, h]), detections.csv (file,class,score,x1,y1,x2,y2 in 0-based "
+                    "pixels, box corners inclusive) and annotated/ copies. Files that cannot be "
+                    "read are reported and skipped; DIR is never written; a rerun skips the "
+                    "images already done.")
+    p.add_argument("dir", metavar="DIR", help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="output folder (not inside DIR)")
+    where = p.add_mutually_exclusive_group()
+    _add_workdir(where)
+    where.add_argument("--model", metavar="PATH",
+                       help="a detector file (default: the newest one trained in --workdir)")
+    p.add_argument("--method", choices=("spp", "rcnn"),
+                   help="which model of --workdir to use (default spp)")
+    p.add_argument("--score-threshold", type=float, metavar="T",
+                   help="keep detections scoring above T (default: the detector's own; the "
+                        "annotated copies then show the confident ones)")
+    p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--jobs", type=_positive, metavar="N", help="selective search processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_json(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("demo", help="make the demo dataset, train, evaluate and time both methods",
+                       description="Make the generated demo dataset if missing, compute "
+                                   "proposals, train and evaluate SPP-net and R-CNN (small "
+                                   "preset), time both per image, and print one table like "
+                                   "the paper's. A second run reuses what is cached.")
+    _add_workdir(p)
+    p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
+    p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--jobs", type=_positive, metavar="N", help="selective search processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_json(p)
+    p.set_defaults(func=cmd_demo)
 
     from proposals.command import register as register_proposals
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from detection.backbones import DetectorNet
-from detection.rcnn_warp import RCNN_CONTEXT, warp_regions
+from detection.rcnn_warp import warp_regions
 from detection.scales import DEFAULT_MAX_SIDE, SINGLE_SCALE, assign_scales, resize_image, scale_factor
 from detection.spp import project_boxes, spp_pool
 from detection.timing import NullTimer, StageTimer
@@ -36,7 +36,7 @@ class ExtractSettings:
 
     scales: tuple[int, ...] = (SINGLE_SCALE,)
     max_side: int = DEFAULT_MAX_SIDE
-    context: int = RCNN_CONTEXT
+    context: float | None = None      # R-CNN context pixels at the crop size (None: 16/227)
     rcnn_chunk: int | None = None
     pool_chunk: int = 128
     fc_chunk: int = 1024
@@ -88,7 +88,7 @@ def pool_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor, pool_chunk: in
 
 
 def rcnn_pool5(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor, crop: int,
-               context: int = RCNN_CONTEXT, chunk: int = 128) -> Tensor:
+               context: float | None = None, chunk: int = 128) -> Tensor:
     """Warp every box and run conv1-5 + pool5 on the warps in chunks: `[N, C * g * g]`."""
     pre = net.preprocess(image)
     boxes = boxes.to(pre.device)

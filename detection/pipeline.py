@@ -96,15 +96,25 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     images = load_training_images(dataset, proposals, on_error=_log)
     if not images:
         raise SppnetError(f"{dataset.root}: no readable training image in split {dataset.split}")
-    scales = scales or preset.scales()
     net, trunk_log = _trunk(dataset, images, preset, folder, settings, device, weights, quiet)
     torch.manual_seed(settings.seed)
     what = "fc6, fc7, fc8 on cached conv5" if method == "spp" else "all layers on warped windows"
-    _log(f"{method}: fine-tuning {what}")
+    choose_scale = method == "spp" and scales is None
+    train_scales = candidate_scales(preset) if choose_scale else (scales or preset.scales())
+    tune_images, val_images = split_validation(images) if choose_scale else (images, [])
+    _log(f"{method}: fine-tuning {what}"
+         + (f" on {len(tune_images)} images, scales {train_scales}" if choose_scale else ""))
     conv_cache = (Path(workdir) / "conv5"
-                  / f"{dataset.name}-{trunk_digest(net)}-{'-'.join(map(str, scales))}")
-    fc8, finetune_log = finetune(net, method, images, len(dataset.classes), settings, device,
-                                 scales, preset.max_side, conv_cache, quiet)
+                  / f"{dataset.name}-{trunk_digest(net)}-{'-'.join(map(str, train_scales))}")
+    fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), settings, device,
+                                 train_scales, preset.max_side, conv_cache, quiet)
+    scale_log = None
+    if choose_scale:
+        scales, scale_log = choose_test_scale(net, fc8, dataset, preset, val_images,
+                                              train_scales)
+        _log(f"spp: test scale {scales[0]} chosen on {len(val_images)} validation images "
+             f"({', '.join(f'{s}: {m:.3f}' for s, m in scale_log.items())} mAP)")
+    scales = tuple(scales or preset.scales())
     _log(f"{method}: SVMs with hard negative mining"
          + (" and box regression" if box_regression else ""))
     detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8)
@@ -128,11 +138,50 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     summary = {"method": method, "dataset": dataset.name, "split": dataset.split,
                "preset": preset.name, "scales": list(scales), "images": len(images),
                "classes": list(dataset.classes), "trunk": trunk_log, "finetune": finetune_log,
+               "validation_mAP_by_scale": scale_log,
                "svm_seconds": time.perf_counter() - svm_start,
                "train_settings": asdict(settings), "seconds": time.perf_counter() - start}
     detector.info = summary
     path = detector.save(model_path(workdir, dataset.name, preset, method))
     return path, summary
+
+
+def candidate_scales(preset: Preset) -> tuple[int, ...]:
+    """SPP-net test scales tried on the validation images: the preset's scale and its
+    multi-scale set."""
+    return tuple(sorted({preset.scale, *preset.multi_scales}))
+
+
+def split_validation(images: list, every: int = 4) -> tuple[list, list]:
+    """A fixed validation part of the training images (every `every`-th one, by image id) and
+    the rest."""
+    order = sorted(range(len(images)), key=lambda i: images[i].image_id)
+    val = {order[k] for k in range(every - 1, len(order), every)}
+    return ([im for i, im in enumerate(images) if i not in val],
+            [im for i, im in enumerate(images) if i in val])
+
+
+def choose_test_scale(net: DetectorNet, fc8, dataset: VOCDataset, preset: Preset, val_images,
+                      candidates: tuple[int, ...]) -> tuple[tuple[int, ...], dict[int, float]]:
+    """The SPP-net scale with the best softmax mAP on the validation images (never the test
+    split): returns `((scale,), {scale: mAP})`."""
+    from data.results import detections_by_class
+    from detection.evaluate import evaluate_voc
+
+    val_set = VOCDataset(dataset.root, f"{dataset.split}-val", dataset.classes,
+                         [dataset[im.image_id] for im in val_images])
+    by_scale = {}
+    for scale in candidates:
+        detector = Detector(net, "spp", dataset.classes, preset, (scale,), fc8, scorer="softmax")
+        per_image = {}
+        for item in val_images:
+            proposals = item.regions.boxes[item.regions.gt_class == 0]
+            det = detector.detect(item.pixels, proposals)
+            per_image[item.image_id] = {k: v.cpu().numpy() for k, v in det.items()}
+        result = evaluate_voc(val_set, detections_by_class(per_image, dataset.classes))
+        by_scale[scale] = result["mAP"] or 0.0
+    best = max(candidates, key=lambda s: (by_scale[s], -abs(s - preset.scale)))
+    return (best,), by_scale
 
 
 def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Path,

@@ -46,12 +46,12 @@ class TrainSettings:
     """Schedule and sizes of the training stages."""
 
     seed: int = 0
-    pretrain_epochs: int = 8
+    pretrain_epochs: int = 12
     pretrain_jitters: int = 6          # jittered crops per object
     pretrain_background: int = 12      # background crops per image
     pretrain_batch: int = 64
     pretrain_lr: float = 2e-3
-    finetune_iters: int = 400
+    finetune_iters: int | None = None  # None: 1500 for SPP-net (fc only, cheap), 400 for R-CNN
     finetune_batch: int = 128
     finetune_images: int = 4           # images per minibatch
     fg_fraction: float = 0.25
@@ -229,7 +229,8 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
              settings: TrainSettings, device: torch.device, scales: tuple[int, ...] = (688,),
              max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False
              ) -> tuple[nn.Linear, dict]:
-    """Stage 2: fine-tune `method`'s head (R-CNN: all layers) with a new (K+1)-way fc8.
+    """Stage 2: fine-tune `method`'s head (R-CNN: all layers) with a new (K+1)-way fc8; SPP-net
+    pools each image's windows at one of `scales`, drawn at random per image and step.
     Returns fc8 (the softmax scorer) and a log dict."""
     rng = np.random.default_rng(settings.seed + 1)
     torch.manual_seed(settings.seed + 1)
@@ -242,11 +243,12 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
                   + list(fc8.parameters()))
     optimizer = torch.optim.AdamW(params, lr=settings.finetune_lr,
                                   weight_decay=settings.weight_decay)
+    iterations = settings.finetune_iters or (1500 if method == "spp" else 400)
     per_image = settings.finetune_batch // settings.finetune_images
     start, losses = time.perf_counter(), []
-    bar = _progress(range(settings.finetune_iters), f"finetune {method}", quiet=quiet)
+    bar = _progress(range(iterations), f"finetune {method}", quiet=quiet)
     for step in bar:
-        _cosine_lr(optimizer, settings.finetune_lr, step, settings.finetune_iters)
+        _cosine_lr(optimizer, settings.finetune_lr, step, iterations)
         chosen = rng.choice(len(images), settings.finetune_images,
                             replace=len(images) < settings.finetune_images)
         pooled, targets = [], []
@@ -269,9 +271,11 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
                 for i in chosen:
                     item = images[i]
                     rows = sample_rows(item.regions, per_image, settings.fg_fraction, rng)
+                    # one random training scale per image (multi-scale fine-tuning)
+                    k = int(rng.integers(len(scales)))
                     h, w = item.pixels.shape[:2]
-                    factors = [scale_factor(h, w, s, max_side) for s in scales]
-                    conv = ConvMaps(factors, [m.to(device).float() for m in maps[i]])
+                    conv = ConvMaps([scale_factor(h, w, scales[k], max_side)],
+                                    [maps[i][k].to(device).float()])
                     pooled.append(pool_windows(net, conv, item.regions.boxes[rows]))
                     targets.append(item.regions.label[rows])
             logits = fc8(net.spp_fc(torch.cat(pooled)))
@@ -283,7 +287,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
         if step % 20 == 0:
             bar.set_postfix_str(f"loss {np.mean(losses[-20:]):.3f}")
     net.eval()
-    return fc8.eval(), {"iterations": settings.finetune_iters,
+    return fc8.eval(), {"iterations": iterations,
                         "final_loss": float(np.mean(losses[-50:])),
                         "seconds": time.perf_counter() - start}
 

@@ -111,7 +111,7 @@ class ProposalCache:
         """The entry file of `image_id`."""
         if _SAFE_NAME.match(image_id):
             return self.directory / f"{image_id}.npz"
-        digest = hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:12]
+        digest = hashlib.sha1(image_id.encode("utf-8", "surrogateescape")).hexdigest()[:12]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._")[:60] or "image"
         return self.directory / f"{slug}-{digest}.npz"
 
