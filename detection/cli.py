@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     path, summary = train_detector(dataset, args.method, preset, args.workdir, settings, device,
                                    scales=scales, weights=args.weights,
                                    box_regression=not args.no_box_regression, jobs=args.jobs,
-                                   quiet=args.quiet)
+                                   scorer=args.scorer, quiet=args.quiet)
     print(f"trained {args.method} on {summary['images']} images of {dataset.name}/{args.split} "
           f"in {summary['seconds']:.0f} s: {path}")
     _write_json(args.json, {**summary, "model": str(path)})
@@ -128,6 +128,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SppnetError(f"{path}: a {detector.method} model, not {args.method}")
     if args.scales:
         detector.scales = _parse_scales(args.scales, detector.preset)
+    if args.scorer == "svm" and detector.svm is None:
+        raise SppnetError(f"{path}: trained without SVMs; train with --scorer svm")
     if args.scorer:
         detector.scorer = args.scorer
     dataset = open_voc(args.voc_root, args.split, detector.classes)
@@ -298,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="start the trunk from imagenet (alexnet/vgg16) or a file "
                                 "instead of pre-training it here")
             p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+            p.add_argument("--scorer", choices=("svm", "softmax"),
+                           help="score boxes with SVMs (trained with hard negative mining) or "
+                                "the fine-tuned softmax (default: the preset's: paper svm, "
+                                "small softmax)")
             p.add_argument("--no-box-regression", action="store_true",
                            help="skip bounding-box regression")
             p.add_argument("--finetune-iters", type=_positive, metavar="N",
@@ -311,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "one trained in --workdir)")
             p.add_argument("--metric", choices=("voc07", "area"), default="voc07")
             p.add_argument("--scorer", choices=("svm", "softmax"),
-                           help="score with the SVMs (default) or the fine-tuned softmax")
+                           help="score with the SVMs or the fine-tuned softmax (default: the "
+                                "one the model was trained for)")
 
     p = sub.add_parser(
         "detect", help="detect objects in every image under a folder",

@@ -80,8 +80,10 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
 def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: str | Path,
                    settings, device: torch.device, scales: tuple[int, ...] | None = None,
                    weights: str | None = None, box_regression: bool = True,
-                   jobs: int | None = None, quiet: bool = False) -> tuple[Path, dict]:
-    """Train `method` ('spp' or 'rcnn') on `dataset`; returns the model file and a summary."""
+                   jobs: int | None = None, scorer: str | None = None,
+                   quiet: bool = False) -> tuple[Path, dict]:
+    """Train `method` ('spp' or 'rcnn') on `dataset`; returns the model file and a summary.
+    SVMs are trained when the scorer (default: the preset's) is 'svm'."""
     from svm import LinearSVMDetector
     from svm.mining import ImageBatch
 
@@ -115,31 +117,42 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         _log(f"spp: test scale {scales[0]} chosen on {len(val_images)} validation images "
              f"({', '.join(f'{s}: {m:.3f}' for s, m in scale_log.items())} mAP)")
     scales = tuple(scales or preset.scales())
-    _log(f"{method}: SVMs with hard negative mining"
-         + (" and box regression" if box_regression else ""))
-    detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8)
+    scorer = scorer or preset.scorer
+    detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8, scorer=scorer)
+    min_iou = 0.5 if method == "spp" else 0.6
     regressor = BoxRegressor(len(dataset.classes), alpha=4000.0 if method == "spp" else 1000.0,
-                             min_iou=0.5 if method == "spp" else 0.6) if box_regression else None
+                             min_iou=min_iou) if box_regression else None
+    steps = (["SVMs with hard negative mining"] if scorer == "svm" else []) + (
+        ["box regression"] if box_regression else [])
+    _log(f"{method}: {' and '.join(steps) or 'no SVMs, no box regression'}")
+    # without SVMs only the rows that box regression learns from need features
+    rows_of = (None if scorer == "svm" else
+               (lambda item: item.regions.best_iou >= min_iou))
 
     def batches():
-        for item, pooled, fc7 in region_features(net, method, images, detector.settings, quiet):
+        for item, pooled, fc7 in region_features(net, method, images, detector.settings, quiet,
+                                                 rows_of):
             if regressor is not None:
                 gt = item.regions.gt_class > 0
-                regressor.add(pooled, item.regions.boxes, item.regions.boxes[gt],
+                regressor.add(pooled, item.regions.boxes[item.rows], item.regions.boxes[gt],
                               item.regions.gt_class[gt])
-            yield ImageBatch(fc7.numpy(), item.regions.gt_class.numpy(),
-                             item.regions.max_iou.numpy())
+            yield ImageBatch(fc7.numpy(), item.regions.gt_class[item.rows].numpy(),
+                             item.regions.max_iou[item.rows].numpy())
 
     svm_start = time.perf_counter()
-    svm = LinearSVMDetector(random_state=settings.seed).fit(batches())
+    if scorer == "svm":
+        detector.svm = LinearSVMDetector(random_state=settings.seed).fit(batches())
+    elif regressor is not None:
+        for _ in batches():
+            pass
     if regressor is not None:
         regressor.fit()
-    detector.svm, detector.box_regressor = svm, regressor
+    detector.box_regressor = regressor
     summary = {"method": method, "dataset": dataset.name, "split": dataset.split,
                "preset": preset.name, "scales": list(scales), "images": len(images),
                "classes": list(dataset.classes), "trunk": trunk_log, "finetune": finetune_log,
                "validation_mAP_by_scale": scale_log,
-               "svm_seconds": time.perf_counter() - svm_start,
+               "scorer": scorer, "svm_and_box_seconds": time.perf_counter() - svm_start,
                "train_settings": asdict(settings), "seconds": time.perf_counter() - start}
     detector.info = summary
     path = detector.save(model_path(workdir, dataset.name, preset, method))

@@ -296,15 +296,27 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
 # 3-4. SVMs and box regression on features of every training region
 
 
+@dataclass
+class RowFeatures:
+    """Features of some rows of one training image: `rows` indexes its regions."""
+
+    image_id: str
+    regions: LabelledRegions
+    rows: Tensor
+
+
 def region_features(net: DetectorNet, method: str, images: Sequence[TrainImage],
-                    settings: ExtractSettings, quiet: bool = False
-                    ) -> Iterator[tuple[TrainImage, Tensor, Tensor]]:
-    """`(image, pooled, fc7)` of every row of every image, one image at a time (never the whole
-    split's features in memory)."""
+                    settings: ExtractSettings, quiet: bool = False,
+                    rows_of: Callable[[TrainImage], Tensor] | None = None
+                    ) -> Iterator[tuple[RowFeatures, Tensor, Tensor]]:
+    """`(rows, pooled, fc7)` of the rows of every image (all rows, or the mask `rows_of(image)`),
+    one image at a time (never the whole split's features in memory)."""
     for item in _progress(images, f"{method} features", quiet=quiet):
-        pooled, fc7 = extract(net, item.pixels, item.regions.boxes, method, settings,
+        rows = (torch.arange(len(item.regions)) if rows_of is None
+                else torch.nonzero(rows_of(item)).flatten())
+        pooled, fc7 = extract(net, item.pixels, item.regions.boxes[rows], method, settings,
                               return_pooled=True)
-        yield item, pooled.cpu(), fc7.cpu()
+        yield RowFeatures(item.image_id, item.regions, rows), pooled.cpu(), fc7.cpu()
 
 
 def load_training_images(dataset, proposals: dict[str, np.ndarray],

@@ -93,14 +93,18 @@ def test_imagenet_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("size", [3, 4, 5])
-def test_fast_lrn_equals_torch_lrn(size):
+def test_fast_lrn_equals_torch_lrn(size, monkeypatch):
     from detection.backbones import CrossChannelLRN
 
-    x = torch.relu(torch.randn(2, 9, 7, 5)) * 30
+    x = torch.relu(torch.randn(2, 9, 70, 50)) * 30
+    monkeypatch.setattr(CrossChannelLRN, "block_elements", 9 * 50 * 3)   # several row blocks
     for beta in (0.75, 0.6):
-        ours = CrossChannelLRN(size, alpha=1e-3, beta=beta, k=2.0)(x)
         theirs = torch.nn.LocalResponseNorm(size, alpha=1e-3, beta=beta, k=2.0)(x)
+        ours = CrossChannelLRN(size, alpha=1e-3, beta=beta, k=2.0)(x)           # row blocks
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+        trained = CrossChannelLRN(size, alpha=1e-3, beta=beta, k=2.0)(x.requires_grad_())
+        assert torch.allclose(trained, theirs, rtol=1e-5, atol=1e-6)            # autograd path
+        x = x.detach()
 
 
 @pytest.mark.parametrize("crop", [64, 99, 131, 163, 227])

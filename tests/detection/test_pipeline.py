@@ -19,8 +19,9 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     work = tmp_path / "work"
     common = ["--voc-root", str(drawn_voc), "--method", method, "--workdir", str(work),
               "--jobs", "1", "--quiet", "--device", "cpu"]
+    scorer = ["--scorer", "svm"] if method == "rcnn" else []     # both scorers are exercised
     assert main(["train", "--split", "test", *common, "--pretrain-epochs", "1",
-                 "--finetune-iters", "3", "--json", str(tmp_path / "train.json")]) == 0
+                 "--finetune-iters", "3", *scorer, "--json", str(tmp_path / "train.json")]) == 0
     model = work / "models" / "drawn-small" / f"{method}.pt"
     assert model.is_file() and (work / "models" / "drawn-small" / "trunk.pt").is_file()
     out = tmp_path / "eval"
@@ -34,6 +35,8 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     # the detector file loads without unpickling and detects the same
     detector = load_detector(model)
     assert detector.method == method and detector.classes == ("box",)
+    assert (detector.svm is not None) == (method == "rcnn")
+    assert summary["scorer"] == ("svm" if method == "rcnn" else "softmax")
     assert "mAP" in capsys.readouterr().out
 
 
