@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from data.cli_args import non_negative_int, positive_int
 from data.errors import SppnetError
 
 WORKDIR_ENV = "SPPNET_WORKDIR"
@@ -228,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output root (default: WORKDIR/demo-data)")
     _add_workdir(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--trainval", type=_non_negative, default=200, metavar="N",
+    p.add_argument("--trainval", type=non_negative_int, default=200, metavar="N",
                    help="trainval images (default 200)")
-    p.add_argument("--test", type=_non_negative, default=100, metavar="M",
+    p.add_argument("--test", type=non_negative_int, default=100, metavar="M",
                    help="test images (default 100)")
     _add_json(p)
     p.set_defaults(func=cmd_make_demo_data)
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pooling, fc time, total and speedup, with FLOPs and GFLOP/s.")
     p.add_argument("--voc-root", required=True, metavar="R", help="VOC-layout dataset root")
     p.add_argument("--split", required=True, metavar="S", help="image set, e.g. test")
-    p.add_argument("--images", type=_positive, default=5, metavar="N",
+    p.add_argument("--images", type=positive_int, default=5, metavar="N",
                    help="images to time (default 5; the first is also the warm-up)")
     p.add_argument("--preset", default="paper", choices=("paper", "small"),
                    help="network and scales (default paper: ZF-5, 688 px, 2000 proposals)")
@@ -263,12 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random (default), imagenet, or a weights file; timing does not "
                         "depend on the values")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--threads", type=_positive, metavar="T", help="CPU threads for torch")
-    p.add_argument("--rcnn-sample", type=_positive, metavar="K",
+    p.add_argument("--threads", type=positive_int, metavar="T", help="CPU threads for torch")
+    p.add_argument("--rcnn-sample", type=positive_int, metavar="K",
                    help="time R-CNN on K random regions per image and scale up to all regions "
                         "(labelled as extrapolated)")
     p.add_argument("--no-multiscale", action="store_true", help="skip the 5-scale SPP-net row")
-    p.add_argument("--jobs", type=_positive, metavar="N", help="selective search processes")
+    p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
     p.add_argument("--classes", metavar="a,b,c", help="class list (only to read the split)")
     _add_workdir(p)
     _add_json(p)
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scales", metavar="1|5|S,S",
                        help="SPP-net scales: 1 (default), 5 (the paper's five) or sizes")
         p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
-        p.add_argument("--jobs", type=_positive, metavar="N", help="selective search processes")
+        p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_workdir(p)
         _add_json(p)
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "small softmax)")
             p.add_argument("--no-box-regression", action="store_true",
                            help="skip bounding-box regression")
-            p.add_argument("--finetune-iters", type=_positive, metavar="N",
+            p.add_argument("--finetune-iters", type=positive_int, metavar="N",
                            help="fine-tuning iterations")
             p.add_argument("--pretrain-epochs", type=int, metavar="N",
                            help="trunk pre-training epochs")
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep detections scoring above T (default: the detector's own; the "
                         "annotated copies then show the confident ones)")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--jobs", type=_positive, metavar="N", help="selective search processes")
+    p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_json(p)
     p.set_defaults(func=cmd_detect)
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workdir(p)
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--jobs", type=_positive, metavar="N", help="selective search processes")
+    p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_json(p)
     p.set_defaults(func=cmd_demo)
@@ -364,20 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_proposals(sub, _add_workdir, _add_json)
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not positive")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def _version() -> str:

@@ -16,27 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from data.cli_args import non_negative_int, positive_int
 from data.errors import SppnetError
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def register(sub: argparse._SubParsersAction, add_workdir: Callable, add_json: Callable) -> None:
@@ -51,19 +32,19 @@ def register(sub: argparse._SubParsersAction, add_workdir: Callable, add_json: C
     p.add_argument("--split", required=True, metavar="S", help="image set, e.g. test")
     add_workdir(p)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--jobs", type=_positive, metavar="N",
+    where.add_argument("--jobs", type=positive_int, metavar="N",
                        help="local worker processes (default: all cores)")
     where.add_argument("--scheduler", metavar="ADDR",
                        help="compute on this Dask cluster instead, e.g. tcp://127.0.0.1:8786 "
                             "(workers must see the image files; start them with --nthreads 1)")
     p.add_argument("--mode", choices=("fast", "quality"), default="fast",
                    help="selective search mode (default fast, as R-CNN and SPP-net)")
-    p.add_argument("--max-proposals", type=_positive, default=2000, metavar="K",
+    p.add_argument("--max-proposals", type=positive_int, default=2000, metavar="K",
                    help="keep the K best ranked boxes per image (default 2000)")
-    p.add_argument("--min-size", type=_non_negative, default=20, metavar="PX",
+    p.add_argument("--min-size", type=non_negative_int, default=20, metavar="PX",
                    help="drop boxes narrower or lower than PX pixels of the searched image "
                         "(default 20, as R-CNN)")
-    p.add_argument("--max-side", type=_non_negative, default=500, metavar="PX",
+    p.add_argument("--max-side", type=non_negative_int, default=500, metavar="PX",
                    help="search a copy whose longer side is at most PX, boxes scaled back "
                         "(default 500, R-CNN's demo; 0: full size)")
     p.add_argument("--classes", metavar="a,b,c",
