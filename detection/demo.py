@@ -72,7 +72,8 @@ def run_demo(workdir: str | Path, device: torch.device, seed: int = 0, jobs: int
                            "scales": result["scales"], "model": str(path)}
     _log("demo: timing both methods per image")
     bench = bench_split(open_voc(root, "test", trainval.classes), preset, workdir, device,
-                        bench_images, multiscale=False, jobs=jobs)
+                        bench_images, multiscale=False, jobs=jobs,
+                        spp_scales=tuple(summary["spp"]["scales"]))   # as evaluated
     for method in DEMO_METHODS:
         row = bench[method]
         summary[method].update({"conv_s": row["conv_s"], "fc_s": row["fc_s"] + row["pool_s"],
@@ -89,7 +90,9 @@ def write_demo_report(out_dir: Path, summary: dict) -> Path:
     curves and examples."""
     lines = ["# sppnet demo", "", f"Dataset: `{summary['dataset']}` ({summary['preset']} "
              f"preset), device: {summary['device']}.", "", "```", demo_table(summary), "```", "",
-             "fc s includes SPP-net's pyramid pooling; times are medians per test image.", ""]
+             "fc s includes SPP-net's pyramid pooling; times are medians per test image, SPP-net "
+             f"at the scales it was evaluated with ({'+'.join(map(str, summary['spp']['scales']))}"
+             " px).", ""]
     for method in DEMO_METHODS:
         lines += [f"## {method}", "", f"[report]({method}/report.md)", "",
                   f"![PR curves]({method}/pr_curves.png)", ""]

@@ -37,6 +37,7 @@ class ExtractSettings:
     scales: tuple[int, ...] = (SINGLE_SCALE,)
     max_side: int = DEFAULT_MAX_SIDE
     context: float | None = None      # R-CNN context pixels at the crop size (None: 16/227)
+    box_target: float = 224.0         # multi-scale: each box pooled where its side is closest
     rcnn_chunk: int | None = None
     pool_chunk: int = 128
     fc_chunk: int = 1024
@@ -70,12 +71,13 @@ def conv_maps(net: DetectorNet, image: np.ndarray | Tensor, scales: Sequence[int
     return ConvMaps(factors, maps)
 
 
-def pool_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor, pool_chunk: int = 128) -> Tensor:
-    """Pyramid-pool every box (0-based pixels of the original image) at its best scale:
-    `[N, C * sum(n*n)]`."""
+def pool_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor, pool_chunk: int = 128,
+                 box_target: float = 224.0) -> Tensor:
+    """Pyramid-pool every box (0-based pixels of the original image) at its best scale (the one
+    where its area is closest to `box_target` squared): `[N, C * sum(n*n)]`."""
     device = conv.maps[0].device
     boxes = boxes.to(device)
-    scale_of_box = assign_scales(boxes, conv.factors)
+    scale_of_box = assign_scales(boxes, conv.factors, box_target)
     out = conv.maps[0].new_empty((len(boxes), net.spp.output_size(conv.maps[0].shape[0])))
     for k, (factor, fmap) in enumerate(zip(conv.factors, conv.maps)):
         rows = torch.nonzero(scale_of_box == k).flatten()
@@ -125,7 +127,8 @@ def extract(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor | np.nda
             with timer.stage("conv"):
                 conv = conv_maps(net, image, settings.scales, settings.max_side)
             with timer.stage("pool"):
-                pooled = pool_windows(net, conv, boxes, settings.pool_chunk)
+                pooled = pool_windows(net, conv, boxes, settings.pool_chunk,
+                                      settings.box_target)
             head = net.spp_fc
         else:
             crop = net.crop_size

@@ -23,6 +23,13 @@ from detection.timing import StageTimer
 MODEL_FORMAT = "sppnet-detector-1"
 
 
+def box_target(preset: Preset) -> float:
+    """Multi-scale SPP-net pools each box at the scale where it is closest to the trunk's
+    training input: 224 px for the paper's ZF-5 (crop 227), the same fraction of the crop for
+    other presets (the small trunk is pre-trained on crops of up to 99 px)."""
+    return 224.0 * preset.crop_size / 227.0
+
+
 @dataclass
 class Detector:
     """Everything test time needs; `detect` gives torchvision-style outputs."""
@@ -41,7 +48,8 @@ class Detector:
     @property
     def settings(self) -> ExtractSettings:
         """Feature settings of this detector."""
-        return ExtractSettings(scales=self.scales, max_side=self.preset.max_side)
+        return ExtractSettings(scales=self.scales, max_side=self.preset.max_side,
+                               box_target=box_target(self.preset))
 
     def scores(self, fc7: Tensor) -> Tensor:
         """Class scores `[N, K]`: SVM margins, or softmax probabilities of fc8 without the

@@ -114,8 +114,9 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     if choose_scale:
         scales, scale_log = choose_test_scale(net, fc8, dataset, preset, val_images,
                                               train_scales)
-        _log(f"spp: test scale {scales[0]} chosen on {len(val_images)} validation images "
-             f"({', '.join(f'{s}: {m:.3f}' for s, m in scale_log.items())} mAP)")
+        _log(f"spp: test scales {'+'.join(map(str, scales))} chosen on {len(val_images)} "
+             f"validation images ({', '.join(f'{s}: {m:.3f}' for s, m in scale_log.items())} "
+             f"mAP)")
     scales = tuple(scales or preset.scales())
     scorer = scorer or preset.scorer
     detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8, scorer=scorer)
@@ -175,26 +176,29 @@ def split_validation(images: list, every: int = 4) -> tuple[list, list]:
 
 
 def choose_test_scale(net: DetectorNet, fc8, dataset: VOCDataset, preset: Preset, val_images,
-                      candidates: tuple[int, ...]) -> tuple[tuple[int, ...], dict[int, float]]:
-    """The SPP-net scale with the best softmax mAP on the validation images (never the test
-    split): returns `((scale,), {scale: mAP})`."""
+                      candidates: tuple[int, ...]) -> tuple[tuple[int, ...], dict[str, float]]:
+    """SPP-net's test scales: each single scale of `candidates` and the preset's multi-scale
+    set are tried on the validation images (never the test split), scored with the softmax;
+    the best mAP wins (ties: one scale, the closest to the preset's). Returns the scales and
+    `{"384": mAP, ..., "224+288+...": mAP}`."""
     from data.results import detections_by_class
     from detection.evaluate import evaluate_voc
 
     val_set = VOCDataset(dataset.root, f"{dataset.split}-val", dataset.classes,
                          [dataset[im.image_id] for im in val_images])
     by_scale = {}
-    for scale in candidates:
-        detector = Detector(net, "spp", dataset.classes, preset, (scale,), fc8, scorer="softmax")
+    options = [(scale,) for scale in candidates] + [tuple(preset.multi_scales)]
+    for scales in options:
+        detector = Detector(net, "spp", dataset.classes, preset, scales, fc8, scorer="softmax")
         per_image = {}
         for item in val_images:
             proposals = item.regions.boxes[item.regions.gt_class == 0]
             det = detector.detect(item.pixels, proposals)
             per_image[item.image_id] = {k: v.cpu().numpy() for k, v in det.items()}
         result = evaluate_voc(val_set, detections_by_class(per_image, dataset.classes))
-        by_scale[scale] = result["mAP"] or 0.0
-    best = max(candidates, key=lambda s: (by_scale[s], -abs(s - preset.scale)))
-    return (best,), by_scale
+        by_scale[scales] = result["mAP"] or 0.0
+    best = max(options, key=lambda s: (by_scale[s], -len(s), -abs(s[0] - preset.scale)))
+    return best, {"+".join(map(str, s)): m for s, m in by_scale.items()}
 
 
 def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Path,
