@@ -340,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("spp", "rcnn"),
                    help="which model of --workdir to use (default spp)")
     p.add_argument("--score-threshold", type=float, metavar="T",
-                   help="keep detections scoring above T (default: the detector's own; the "
-                        "annotated copies then show the confident ones)")
+                   help="keep detections scoring above T (default: the confident ones, an "
+                        "SVM margin above 0 or a softmax probability above 0.5)")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
     p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

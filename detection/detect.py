@@ -31,7 +31,7 @@ What it writes, all in OUT (every file atomically: temporary file + rename)
   detection; category ids are the detector's 1-based labels; `bbox` is in 0-based pixels with
   pixel-inclusive sizes (w = x2 - x1 + 1), as `detection.evaluate` writes COCO boxes;
   `json.load(f)["annotations"]` is a results list that `COCO.loadRes` accepts.
-  `score_threshold` is null when the detector's own default was used.
+  `score_threshold` is the threshold applied (by default the confident cut, see below).
 - `detections.csv`: one row per detection, header `file,class,score,x1,y1,x2,y2`; `file` is
   relative to DIR, the box is 0-based pixel-inclusive (x1, y1, x2, y2) in the image as loaded
   (EXIF orientation applied). UTF-8; a file name that is not valid UTF-8 is backslash-escaped.
@@ -47,7 +47,8 @@ What it writes, all in OUT (every file atomically: temporary file + rename)
   and a complete rerun gives the same files.
 
 Scores and thresholds: `--score-threshold T` keeps detections scoring above T; without it the
-detector's own default applies (`Detector.detect`: every NMS survivor for SVM scores, 1e-3 for
+command keeps the confident ones (`CONFIDENT_SCORE`: an SVM margin above 0, a softmax probability
+above 0.5). `detect_folder` called without a threshold uses the detector's own default (`Detector.detect`: every NMS survivor for SVM scores, 1e-3 for
 softmax scores), which is what AP needs but means many low-scoring boxes per image. The annotated
 copies draw only the detections above T, or without T the confident ones (an SVM margin above 0,
 a softmax probability above 0.5).
@@ -840,6 +841,8 @@ def run_detect_command(image_dir: str, out: str, *, model: str | None, workdir: 
     except OSError as exc:
         raise SppnetError(f"--out {out_dir}: cannot create it: {exc.strerror or exc}") from None
 
+    if score_threshold is None:       # a user wants the confident detections, not AP's tail
+        score_threshold = CONFIDENT_SCORE.get(detector.scorer, 0.0)
     fingerprint = model_fingerprint(model_path, detector.scorer, score_threshold)
     run = detect_folder(root, out_dir, detector, fingerprint, score_threshold=score_threshold,
                         jobs=jobs, progress=not quiet)
