@@ -209,6 +209,13 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """--device, --jobs and --quiet, shared by the commands that run the networks."""
+    p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_workdir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", metavar="W", default=str(default_workdir()),
                    help=f"folder for caches, models and outputs (default: ${WORKDIR_ENV} or "
@@ -287,9 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="network, scales and proposals (default small: CPU-sized)")
         p.add_argument("--scales", metavar="1|5|S,S",
                        help="SPP-net scales: 1 (default), 5 (the paper's five) or sizes")
-        p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
-        p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_run_options(p)
         _add_workdir(p)
         _add_json(p)
         p.set_defaults(func=func)
@@ -342,9 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, metavar="T",
                    help="keep detections scoring above T (default: the confident ones, an "
                         "SVM margin above 0 or a softmax probability above 0.5)")
-    p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(p)
     _add_json(p)
     p.set_defaults(func=cmd_detect)
 
@@ -355,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the paper's. A second run reuses what is cached.")
     _add_workdir(p)
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
-    p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(p)
     _add_json(p)
     p.set_defaults(func=cmd_demo)
 
