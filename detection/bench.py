@@ -127,6 +127,7 @@ def run_bench(net: DetectorNet, images: Sequence[tuple[str, np.ndarray, np.ndarr
     for row in rows:
         time_row(net, first_image, warm, row, settings, None, rng, device)
     per_region = {row.name: region_flops(net, first_image, row, settings) for row in rows}
+    conv_flops_of_shape: dict[tuple, int] = {}    # SPP conv FLOPs depend on the image size only
     out = {}
     for row in rows:
         times, conv_flops, fc_flops = [], 0.0, 0.0
@@ -139,8 +140,11 @@ def run_bench(net: DetectorNet, images: Sequence[tuple[str, np.ndarray, np.ndarr
             n = len(boxes)
             fc_flops += n * per_region[row.name]["fc"]
             if row.method == "spp":
-                conv_flops += count_flops(
-                    lambda: conv_maps(net, image, row.scales, settings.max_side))  # noqa: B023
+                key = (row.scales, image.shape)
+                if key not in conv_flops_of_shape:
+                    conv_flops_of_shape[key] = count_flops(
+                        lambda: conv_maps(net, image, row.scales, settings.max_side))  # noqa: B023
+                conv_flops += conv_flops_of_shape[key]
             else:
                 conv_flops += n * per_region[row.name]["conv"]
         med = {k: float(statistics.median(t[k] for t in times))

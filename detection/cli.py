@@ -209,6 +209,12 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
 
 
+def _add_dataset(p: argparse.ArgumentParser, split_help: str = "image set, e.g. test") -> None:
+    """--voc-root and --split, shared by the commands that read a VOC split."""
+    p.add_argument("--voc-root", required=True, metavar="R", help="VOC-layout dataset root")
+    p.add_argument("--split", required=True, metavar="S", help=split_help)
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """--device, --jobs and --quiet, shared by the commands that run the networks."""
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if present)")
@@ -247,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read comp4_det_<split>_<class>.txt files and print the "
                                    "per-class AP table and mAP (VOC devkit rules), with COCO "
                                    "AP@[.5:.95] from pycocotools for the same detections.")
-    p.add_argument("--voc-root", required=True, metavar="R", help="VOC-layout dataset root")
-    p.add_argument("--split", required=True, metavar="S", help="image set, e.g. test")
+    _add_dataset(p)
     p.add_argument("--dets", required=True, metavar="DIR", help="folder of result files")
     p.add_argument("--metric", choices=("voc07", "area"), default="voc07",
                    help="voc07: 11-point AP (default); area: VOC2010+ area under the curve")
@@ -261,8 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time SPP-net (1 and 5 scales) and R-CNN per image on real "
                                    "images with their selective-search proposals: conv time, "
                                    "pooling, fc time, total and speedup, with FLOPs and GFLOP/s.")
-    p.add_argument("--voc-root", required=True, metavar="R", help="VOC-layout dataset root")
-    p.add_argument("--split", required=True, metavar="S", help="image set, e.g. test")
+    _add_dataset(p)
     p.add_argument("--images", type=positive_int, default=5, metavar="N",
                    help="images to time (default 5; the first is also the warm-up)")
     p.add_argument("--preset", default="paper", choices=("paper", "small"),
@@ -286,9 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("train", cmd_train, "train SPP-net or R-CNN on a VOC-layout split"),
             ("eval", cmd_eval, "evaluate a trained detector: VOC result files, AP, PR curves")):
         p = sub.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("--voc-root", required=True, metavar="R", help="VOC-layout dataset root")
-        p.add_argument("--split", required=True, metavar="S",
-                       help="image set (train: trainval; eval: test)")
+        _add_dataset(p, "image set (train: trainval; eval: test)")
         p.add_argument("--method", required=True, choices=("spp", "rcnn"))
         p.add_argument("--preset", default="small", choices=("paper", "small"),
                        help="network, scales and proposals (default small: CPU-sized)")
