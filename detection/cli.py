@@ -189,10 +189,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summary = bench_split(dataset, preset, args.workdir, device, args.images,
                           rcnn_sample=args.rcnn_sample, multiscale=not args.no_multiscale,
                           weights=args.weights, jobs=args.jobs,
-                          progress=lambda text: print(f"  {text}", file=sys.stderr))
+                          progress=lambda text: print(f"  {text}", file=sys.stderr),
+                          variants=_variant_list(args.variants), map_workdir=args.map_workdir)
     print(format_summary(summary))
     _write_json(args.json, summary)
     return 0
+
+
+def _variant_list(text: str | None) -> list[str] | None:
+    """`--variants`: None, `auto`, or comma-separated speedup names (checked here)."""
+    if not text:
+        return None
+    if text == "auto":
+        return ["auto"]
+    from detection.speedups import parse_variant
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        parse_variant(name)
+    return names
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -280,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time R-CNN on K random regions per image and scale up to all regions "
                         "(labelled as extrapolated)")
     p.add_argument("--no-multiscale", action="store_true", help="skip the 5-scale SPP-net row")
+    p.add_argument("--variants", nargs="?", const="auto", metavar="V1,V2",
+                   help="also time SPP-net with speedups (dedup, svd, channels_last, bf16, fp16, "
+                        "joined by '+', e.g. dedup+svd); alone: every switch this device gains "
+                        "from, then the best combination")
+    p.add_argument("--map-workdir", metavar="W",
+                   help="a workdir where `sppnet demo` ran: measure each variant's mAP change "
+                        "on the demo test split with the demo's SPP-net model")
     p.add_argument("--jobs", type=positive_int, metavar="N", help="selective search processes")
     p.add_argument("--classes", metavar="a,b,c", help="class list (only to read the split)")
     _add_workdir(p)

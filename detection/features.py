@@ -5,6 +5,12 @@
 - R-CNN: every box is grown by 16 px of context, warped to the crop size on the device, and the
   warps go through conv1-5, pool5, fc6 and fc7 in chunks (which bound memory).
 
+Switches beyond the paper (off by default, `ExtractSettings`): `dedup` pools and runs fc6/fc7 once
+per distinct conv5 window when several boxes project onto the same cells (exact: the features are
+the same); `channels_last` runs the conv layers in NHWC memory layout; `precision` 'bf16' or
+'fp16' runs conv and fc under autocast (fc7 is returned as fp32). Truncated SVD of fc6/fc7 is a
+change of the net (`detection.speedups`).
+
 Timing hooks (a `StageTimer`) split the work as the paper's table does: `conv` (SPP: resizing and
 the conv layers over the whole image at every scale; R-CNN: warping and the conv layers over all
 regions, pool5 included), `pool` (SPP's pyramid pooling of all windows) and `fc` (fc6 + fc7 over
@@ -13,6 +19,7 @@ all windows). The device is synchronised around each stage.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,6 +48,9 @@ class ExtractSettings:
     rcnn_chunk: int | None = None
     pool_chunk: int = 128
     fc_chunk: int = 1024
+    dedup: bool = False
+    channels_last: bool = False
+    precision: str = "fp32"           # fp32, bf16 or fp16 (autocast)
 
 
 @dataclass
@@ -62,39 +72,60 @@ def _as_boxes(boxes: Tensor | np.ndarray, device: torch.device) -> Tensor:
 
 
 def conv_maps(net: DetectorNet, image: np.ndarray | Tensor, scales: Sequence[int],
-              max_side: int = DEFAULT_MAX_SIDE) -> ConvMaps:
+              max_side: int = DEFAULT_MAX_SIDE, channels_last: bool = False) -> ConvMaps:
     """Run the trunk once per scale on the whole image (HxWx3 uint8 RGB)."""
     pre = net.preprocess(image)
     height, width = pre.shape[-2:]
     factors = [scale_factor(height, width, s, max_side) for s in scales]
-    maps = [net.trunk(resize_image(pre, f))[0] for f in factors]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    maps = [net.trunk(resize_image(pre, f).contiguous(memory_format=layout))[0]
+            for f in factors]
     return ConvMaps(factors, maps)
+
+
+def box_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor,
+                box_target: float = 224.0) -> Tensor:
+    """Each box's scale and conv5 window: int64 `[N, 5]` rows `(scale index, x1, y1, x2, y2)`,
+    the box pooled at the scale where its area is closest to `box_target` squared."""
+    boxes = boxes.to(conv.maps[0].device)
+    scale_of_box = assign_scales(boxes, conv.factors, box_target)
+    windows = torch.empty((len(boxes), 5), dtype=torch.int64, device=boxes.device)
+    windows[:, 0] = scale_of_box
+    for k, (factor, fmap) in enumerate(zip(conv.factors, conv.maps)):
+        rows = torch.nonzero(scale_of_box == k).flatten()
+        if len(rows):
+            windows[rows, 1:] = project_boxes(boxes[rows] * factor, net.stride,
+                                              net.first_centre, fmap.shape[1], fmap.shape[2])
+    return windows
+
+
+def pool_scaled_windows(net: DetectorNet, conv: ConvMaps, windows: Tensor,
+                        pool_chunk: int = 128) -> Tensor:
+    """Pyramid-pool windows `[N, 5]` as `box_windows` gives them: `[N, C * sum(n*n)]`."""
+    out = conv.maps[0].new_empty((len(windows), net.spp.output_size(conv.maps[0].shape[0])))
+    for k, fmap in enumerate(conv.maps):
+        rows = torch.nonzero(windows[:, 0] == k).flatten()
+        if len(rows):
+            out[rows] = spp_pool(fmap, windows[rows, 1:], net.spp_levels, pool_chunk)
+    return out
 
 
 def pool_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor, pool_chunk: int = 128,
                  box_target: float = 224.0) -> Tensor:
     """Pyramid-pool every box (0-based pixels of the original image) at its best scale (the one
     where its area is closest to `box_target` squared): `[N, C * sum(n*n)]`."""
-    device = conv.maps[0].device
-    boxes = boxes.to(device)
-    scale_of_box = assign_scales(boxes, conv.factors, box_target)
-    out = conv.maps[0].new_empty((len(boxes), net.spp.output_size(conv.maps[0].shape[0])))
-    for k, (factor, fmap) in enumerate(zip(conv.factors, conv.maps)):
-        rows = torch.nonzero(scale_of_box == k).flatten()
-        if len(rows) == 0:
-            continue
-        windows = project_boxes(boxes[rows] * factor, net.stride, net.first_centre,
-                                fmap.shape[1], fmap.shape[2])
-        out[rows] = spp_pool(fmap, windows, net.spp_levels, pool_chunk)
-    return out
+    return pool_scaled_windows(net, conv, box_windows(net, conv, boxes, box_target), pool_chunk)
 
 
 def rcnn_pool5(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor, crop: int,
-               context: float | None = None, chunk: int = 128) -> Tensor:
+               context: float | None = None, chunk: int = 128,
+               channels_last: bool = False) -> Tensor:
     """Warp every box and run conv1-5 + pool5 on the warps in chunks: `[N, C * g * g]`."""
     pre = net.preprocess(image)
     boxes = boxes.to(pre.device)
-    parts = [net.pool5(net.trunk(warp_regions(pre, boxes[i:i + chunk], crop, context))).flatten(1)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    parts = [net.pool5(net.trunk(warp_regions(pre, boxes[i:i + chunk], crop, context)
+                                 .contiguous(memory_format=layout))).flatten(1)
              for i in range(0, len(boxes), chunk)]
     if not parts:
         g = net.pool5_grid
@@ -122,20 +153,39 @@ def extract(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor | np.nda
     timer = timer or NullTimer()
     device = net_device(net)
     boxes = _as_boxes(boxes, device)
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(device, settings.precision):
+        inverse = None
         if method == "spp":
             with timer.stage("conv"):
-                conv = conv_maps(net, image, settings.scales, settings.max_side)
+                conv = conv_maps(net, image, settings.scales, settings.max_side,
+                                 settings.channels_last)
             with timer.stage("pool"):
-                pooled = pool_windows(net, conv, boxes, settings.pool_chunk,
-                                      settings.box_target)
+                windows = box_windows(net, conv, boxes, settings.box_target)
+                if settings.dedup:
+                    windows, inverse = torch.unique(windows, dim=0, return_inverse=True)
+                pooled = pool_scaled_windows(net, conv, windows, settings.pool_chunk)
             head = net.spp_fc
         else:
             crop = net.crop_size
             chunk = settings.rcnn_chunk or net.spec.rcnn_chunk
             with timer.stage("conv"):
-                pooled = rcnn_pool5(net, image, boxes, crop, settings.context, chunk)
+                pooled = rcnn_pool5(net, image, boxes, crop, settings.context, chunk,
+                                    settings.channels_last)
             head = net.rcnn_fc
         with timer.stage("fc"):
-            fc7 = fc_features(head, pooled, settings.fc_chunk)
-    return (pooled, fc7) if return_pooled else fc7
+            fc7 = fc_features(head, pooled, settings.fc_chunk).float()
+            if inverse is not None:
+                fc7 = fc7[inverse]
+    if not return_pooled:
+        return fc7
+    return (pooled if inverse is None else pooled[inverse]).float(), fc7
+
+
+def _autocast(device: torch.device, precision: str):
+    """Autocast context for 'bf16'/'fp16', a no-op context for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"unknown precision {precision!r}, expected fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=dtypes[precision])

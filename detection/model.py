@@ -44,12 +44,13 @@ class Detector:
     box_regressor: object | None = None  # detection.bbox_regression.BoxRegressor
     scorer: str = "svm"
     info: dict = field(default_factory=dict)
+    speedups: dict = field(default_factory=dict)   # ExtractSettings fields set by a speedup
 
     @property
     def settings(self) -> ExtractSettings:
         """Feature settings of this detector."""
         return ExtractSettings(scales=self.scales, max_side=self.preset.max_side,
-                               box_target=box_target(self.preset))
+                               box_target=box_target(self.preset), **self.speedups)
 
     def scores(self, fc7: Tensor) -> Tensor:
         """Class scores `[N, K]`: SVM margins, or softmax probabilities of fc8 without the

@@ -7,6 +7,8 @@ the cropped window. All windows are pooled in one vectorised step with a 2-D spa
 maxima (the max over `2^kx x 2^ky` cells at every position): the max of any bin is the max of four
 table entries, gathered for every window and bin at once. When every level divides the finest one
 (the paper's {1, 2, 3, 6}), the coarser levels are exact maxima over blocks of the finest bins.
+On a GPU the same bins come from `torchvision.ops.roi_pool`, one kernel per level (measured: the
+table's many small kernels made pooling the slowest SPP-net stage on an H200).
 
 Flattening order: levels in the order given; within a level, channel-major then row then column,
 i.e. `torch.flatten(AdaptiveMaxPool2d(n)(crop), 0)` for each level, concatenated. With a single
@@ -116,15 +118,28 @@ class _RangeMaxTable:
 
 
 def _pool_level(table: _RangeMaxTable, windows: Tensor, n: int) -> Tensor:
-    """Pool every window into `n x n` bins: `[N, C, n, n]`."""
+    """Pool every window into `n x n` bins, channels last: `[N, n, n, C]`."""
     width = windows[:, 2] - windows[:, 0] + 1
     height = windows[:, 3] - windows[:, 1] + 1
     x0, x1 = _bins(windows[:, 0], width, n)                     # [N, n]
     y0, y1 = _bins(windows[:, 1], height, n)
     shape = (len(windows), n, n)
-    out = table.max(y0[:, :, None].expand(shape), y1[:, :, None].expand(shape),
-                    x0[:, None, :].expand(shape), x1[:, None, :].expand(shape))
-    return out.permute(0, 3, 1, 2)                                # [N, C, n, n]
+    return table.max(y0[:, :, None].expand(shape), y1[:, :, None].expand(shape),
+                     x0[:, None, :].expand(shape), x1[:, None, :].expand(shape))
+
+
+def _coarsen(fine: Tensor, n: int) -> Tensor:
+    """`[N, m, m, C]` bins -> `[N, n, n, C]` for `n` dividing `m`: each coarse bin is the max of
+    a block of fine bins, taken as elementwise maxima of strided slices (far faster on a CPU
+    than a reduction over non-contiguous dimensions)."""
+    block = fine.shape[1] // n
+    view = fine.view(len(fine), n, block, n, block, fine.shape[-1])
+    out = view[:, :, 0, :, 0]
+    for i in range(block):
+        for j in range(block):
+            if i or j:
+                out = torch.maximum(out, view[:, :, i, :, j])
+    return out
 
 
 def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = SPP_LEVELS,
@@ -143,6 +158,8 @@ def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = SPP_LEVELS,
     if len(windows) == 0:
         return out
     windows = windows.to(device=fmap.device, dtype=torch.int64)
+    if fmap.device.type != "cpu":
+        return _roi_pool_levels(fmap, windows, levels)
     finest = max(levels)
     nested = all(finest % n == 0 for n in levels)
     pooled_levels = (finest,) if nested else levels
@@ -150,17 +167,32 @@ def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = SPP_LEVELS,
     longest = torch.stack([windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]]) + 1
     widest_bin = -(-longest.amax(dim=1) // min(pooled_levels)) + 1          # [x, y]
     table = _RangeMaxTable(fmap, int(widest_bin[1]).bit_length(), int(widest_bin[0]).bit_length())
+    offsets, offset = {}, 0
+    for n in levels:
+        offsets[n], offset = offset, offset + channels * n * n
     for start in range(0, len(windows), chunk):
         part = windows[start:start + chunk]
-        pooled = {n: _pool_level(table, part, n) for n in pooled_levels}
-        if nested:
-            fine = pooled[finest]
-            for n in levels:
-                if n != finest:
-                    block = finest // n
-                    pooled[n] = fine.reshape(len(part), channels, n, block, n, block).amax((3, 5))
-        out[start:start + chunk] = torch.cat([pooled[n].flatten(1) for n in levels], dim=1)
+        rows = out[start:start + chunk]
+        pooled = {n: _pool_level(table, part, n) for n in pooled_levels}   # channels last
+        for n in sorted(levels, reverse=True):
+            if n not in pooled:        # nested: from the finest computed level it divides
+                source = min(m for m in pooled if m % n == 0)
+                pooled[n] = _coarsen(pooled[source], n)
+            target = rows[:, offsets[n]:offsets[n] + channels * n * n]
+            target.view(len(part), channels, n, n).copy_(pooled[n].permute(0, 3, 1, 2))
     return out
+
+
+def _roi_pool_levels(fmap: Tensor, windows: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """The same pooling through `torchvision.ops.roi_pool`, one kernel per level. With integer
+    cell windows inside the map and `spatial_scale=1` its bins are exactly the adaptive ones
+    (`floor(i*L/n)` to `ceil((i+1)*L/n)`). On a GPU this is far faster than the sparse table's
+    many small kernels; on a CPU it is slower (0.72 s against 0.19 s for 2000 windows of a
+    256 x 43 x 58 map), so the CPU keeps the table."""
+    from torchvision.ops import roi_pool
+
+    rois = torch.cat([windows.new_zeros((len(windows), 1)), windows], dim=1).to(fmap.dtype)
+    return torch.cat([roi_pool(fmap[None], rois, n, 1.0).flatten(1) for n in levels], dim=1)
 
 
 class SpatialPyramidPool(nn.Module):

@@ -77,3 +77,20 @@ def test_bench_prints_the_table_and_writes_json(drawn_voc, tmp_path, capsys):
     assert summary["rcnn"]["extrapolated_from"] == 3
     assert summary["speedup"] == pytest.approx(summary["rcnn"]["total_s"] / summary["spp"]["total_s"])
     assert summary["matmul_gflops_per_s"] > 0 and summary["device"].startswith("CPU")
+
+
+def test_bench_variants_rows_and_bad_names(drawn_voc, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    common = ["bench", "--voc-root", str(drawn_voc), "--split", "test", "--images", "1",
+              "--preset", "small", "--rcnn-sample", "2", "--no-multiscale", "--jobs", "1",
+              "--workdir", str(tmp_path / "w"), "--device", "cpu"]
+    assert main(common + ["--variants", "dedup,svd", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "SPP-net +dedup" in printed and "mAP delta not measured" in printed
+    summary = json.loads(out.read_text())
+    assert set(summary["variants"]) == {"dedup", "svd"}
+    for row in summary["variants"].values():
+        assert set(row) >= {"conv_s", "fc_s", "total_s", "speedup", "mAP_delta"}
+    assert main(common + ["--variants", "dedup,turbo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "turbo" in err and len(err.splitlines()) == 1

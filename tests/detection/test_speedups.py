@@ -1,0 +1,89 @@
+"""Speedup switches: truncated SVD against the best low-rank approximation, `dedup` exact,
+channels-last and autocast close to fp32, variant names checked, and the net left unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data.errors import SppnetError
+from detection.backbones import build_net
+from detection.features import ExtractSettings, extract
+from detection.speedups import (apply_variant, default_svd_ranks, low_rank_linear, parse_variant,
+                                truncated_head)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return build_net("zf5_small", seed=0, crop_size=99)
+
+
+@pytest.fixture(scope="module")
+def image_and_boxes():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    xy = rng.uniform(0, 100, (40, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(10, 80, (40, 2)), [159, 119])], 1)
+    boxes[20:30] = boxes[:10] + 0.5           # same conv5 windows as the first ten
+    return image, torch.tensor(boxes, dtype=torch.float32)
+
+
+def test_low_rank_linear_is_the_best_rank_r_approximation():
+    torch.manual_seed(0)
+    layer = nn.Linear(30, 20)
+    x = torch.randn(7, 30)
+    full = low_rank_linear(layer, 20)
+    assert torch.allclose(full(x), layer(x), atol=1e-5)
+    truncated = low_rank_linear(layer, 5)
+    assert [m.weight.shape for m in truncated] == [(5, 30), (20, 5)]
+    product = (truncated[1].weight @ truncated[0].weight).detach()
+    singular = torch.linalg.svdvals(layer.weight.detach())
+    error = float(torch.linalg.matrix_norm(product - layer.weight.detach()))
+    assert error == pytest.approx(float(singular[5:].square().sum().sqrt()), rel=1e-4)
+
+
+def test_truncated_head_keeps_fc7_when_truncating_it_saves_nothing():
+    head = build_net("zf5_small", seed=0).spp_fc
+    hidden = head.fc7.out_features
+    six, seven = default_svd_ranks(hidden)
+    assert six < hidden and seven <= hidden
+    out = truncated_head(head, (six, hidden // 2))
+    assert isinstance(out.fc6, nn.Sequential) and isinstance(out.fc7, nn.Linear)
+    assert isinstance(head.fc6, nn.Linear)                  # the original is untouched
+    smaller = truncated_head(head, (six, hidden // 4))
+    assert isinstance(smaller.fc7, nn.Sequential)
+
+
+def test_dedup_gives_the_same_features(net, image_and_boxes):
+    image, boxes = image_and_boxes
+    plain = ExtractSettings(scales=(200, 300), max_side=800)
+    vnet, settings = apply_variant(net, plain, parse_variant("dedup"))
+    assert vnet is net and settings.dedup
+    pooled, fc7 = extract(net, image, boxes, "spp", plain, return_pooled=True)
+    pooled_d, fc7_d = extract(vnet, image, boxes, "spp", settings, return_pooled=True)
+    assert torch.allclose(fc7_d, fc7, atol=1e-6) and torch.allclose(pooled_d, pooled, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["channels_last", "bf16", "svd"])
+def test_switches_stay_close_to_plain(net, image_and_boxes, name):
+    image, boxes = image_and_boxes
+    plain = ExtractSettings(scales=(200,), max_side=800)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    vnet, settings = apply_variant(net, plain, parse_variant(name))
+    for method in ("spp", "rcnn"):
+        reference = extract(net, image, boxes[:8], method, plain)
+        ours = extract(vnet, image, boxes[:8], method, settings)
+        assert ours.dtype == torch.float32 and ours.shape == reference.shape
+        cosine = nn.functional.cosine_similarity(ours, reference, dim=1)
+        limit = {"channels_last": 0.99999, "bf16": 0.99, "svd": 0.5}[name]
+        assert float(cosine.min()) > limit
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_variant_names_are_checked():
+    assert parse_variant("dedup+svd+bf16") == ("dedup", "svd", "bf16")
+    for bad in ("", "fast", "dedup+warp", "bf16+fp16"):
+        with pytest.raises(SppnetError):
+            parse_variant(bad)
