@@ -74,6 +74,11 @@ class CrossChannelLRN(nn.Module):
             return self._normalise(x)
         out = torch.empty_like(x)
         n, c, h, w = x.shape
+        if c * h * w <= self.block_elements:      # small maps (R-CNN's warps): whole images
+            images = self.block_elements // max(1, c * h * w)
+            for i in range(0, n, images):
+                out[i:i + images] = self._normalise(x[i:i + images])
+            return out
         rows = max(1, self.block_elements // max(1, c * w))
         for i in range(n):
             for r in range(0, h, rows):

@@ -304,11 +304,11 @@ def precision_rates(device: torch.device) -> dict[str, float]:
     return rates
 
 
-def auto_variants(rates: dict[str, float]) -> tuple[list[str], dict[str, str]]:
-    """The single switches worth timing on a device with these matmul rates, and why each
-    precision left out was left out."""
-    singles = ["dedup", "svd", "channels_last"]
-    skipped = {}
+def auto_variants(rates: dict[str, float], int8: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The single switches worth timing on a device with these matmul rates (and `int8` where
+    it can run), and why each precision left out was left out."""
+    singles = ["dedup", "svd", "channels_last"] + (["int8"] if int8 else [])
+    skipped = {} if int8 else {"int8": "int8 fc layers run on a CPU only"}
     for name in PRECISION_DTYPES:
         if rates[name] >= PRECISION_GAIN * rates["fp32"]:
             singles.append(name)
@@ -332,8 +332,10 @@ def bench_variants(net: DetectorNet, images, scales: tuple[int, ...], settings: 
     skipped: dict[str, str] = {}
     rates = None
     if list(variants) == ["auto"]:
+        from detection.speedups import int8_available
+
         rates = precision_rates(device)
-        names, skipped = auto_variants(rates)
+        names, skipped = auto_variants(rates, int8_available(device))
     else:
         names = list(variants)
     out = {}
@@ -353,8 +355,8 @@ def bench_variants(net: DetectorNet, images, scales: tuple[int, ...], settings: 
     if list(variants) == ["auto"]:
         plain_total = table[plain_name]["total_s"]
         gained = [n for n in names if out[n]["total_s"] < plain_total]
-        precisions = [n for n in gained if n in PRECISION_DTYPES]
-        best = [n for n in gained if n not in PRECISION_DTYPES]
+        precisions = [n for n in gained if n in (*PRECISION_DTYPES, "int8")]
+        best = [n for n in gained if n not in precisions]
         if precisions:
             best.append(min(precisions, key=lambda n: out[n]["total_s"]))
         if len(best) > 1:

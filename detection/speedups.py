@@ -7,6 +7,7 @@ for mAP.
   truncates fc6 only (1024 of 4096 in the paper's ZF-5).
 - `channels_last`: conv layers in NHWC memory layout.
 - `bf16`, `fp16`: conv and fc under autocast.
+- `int8`: fc6/fc7 as dynamically quantised int8 layers (CPU only, PyTorch's fbgemm/x86 kernels).
 
 A variant is a `+`-joined list of switches, e.g. `dedup+svd+bf16`.
 """
@@ -14,6 +15,7 @@ A variant is a `+`-joined list of switches, e.g. `dedup+svd+bf16`.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import replace
 from typing import Sequence
 
@@ -24,8 +26,8 @@ from data.errors import SppnetError
 from detection.backbones import DetectorNet, FCHead
 from detection.features import ExtractSettings
 
-SWITCHES = ("dedup", "svd", "channels_last", "bf16", "fp16")
-PRECISIONS = ("bf16", "fp16")
+SWITCHES = ("dedup", "svd", "channels_last", "bf16", "fp16", "int8")
+PRECISIONS = ("bf16", "fp16", "int8")
 
 
 def low_rank_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
@@ -62,6 +64,26 @@ def truncated_head(head: FCHead, ranks: tuple[int, int]) -> FCHead:
     return out
 
 
+def int8_available(device: torch.device) -> bool:
+    """Whether `int8` can run: a CPU with one of PyTorch's quantised engines."""
+    engines = set(torch.backends.quantized.supported_engines)
+    return device.type == "cpu" and bool(engines & {"fbgemm", "x86", "qnnpack"})
+
+
+def quantized_head(head: nn.Module) -> nn.Module:
+    """A copy of an fc head whose linear layers run in int8 with weights quantised per output
+    channel and activations quantised on the fly (CPU only). Per-tensor weights lost 0.6
+    points of mAP on the demo set together with `svd`."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if next(head.parameters()).device.type != "cpu":
+        raise SppnetError("the int8 speedup runs on a CPU only")
+    with warnings.catch_warnings():       # torch.ao.quantization points users to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(head), {nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)
+
+
 def parse_variant(name: str) -> tuple[str, ...]:
     """The switches of a variant name such as `dedup+svd+bf16`; an unknown one is an error."""
     switches = tuple(part for part in name.split("+") if part)
@@ -79,13 +101,15 @@ def apply_variant(net: DetectorNet, settings: ExtractSettings, switches: Sequenc
                   ) -> tuple[DetectorNet, ExtractSettings]:
     """The net and settings with the switches on. The given net is not changed: `svd` and
     `channels_last` work on a copy."""
-    if "svd" in switches or "channels_last" in switches:
+    if {"svd", "channels_last", "int8"} & set(switches):
         net = copy.deepcopy(net)
     if "svd" in switches:
         net.spp_fc = truncated_head(net.spp_fc, svd_ranks or default_svd_ranks(net.feature_dim))
     if "channels_last" in switches:
         net.trunk = net.trunk.to(memory_format=torch.channels_last)
-    precision = next((s for s in switches if s in PRECISIONS), "fp32")
+    if "int8" in switches:
+        net.spp_fc = quantized_head(net.spp_fc)
+    precision = next((s for s in switches if s in ("bf16", "fp16")), "fp32")
     return net, replace(settings, dedup="dedup" in switches,
                         channels_last="channels_last" in switches, precision=precision)
 

@@ -102,6 +102,10 @@ def test_fast_lrn_equals_torch_lrn(size, monkeypatch):
         theirs = torch.nn.LocalResponseNorm(size, alpha=1e-3, beta=beta, k=2.0)(x)
         ours = CrossChannelLRN(size, alpha=1e-3, beta=beta, k=2.0)(x)           # row blocks
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+        small = x[:, :, :6, :7].contiguous()                                   # whole-image blocks
+        expected = torch.nn.LocalResponseNorm(size, alpha=1e-3, beta=beta, k=2.0)(small)
+        got = CrossChannelLRN(size, alpha=1e-3, beta=beta, k=2.0)(small)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
         trained = CrossChannelLRN(size, alpha=1e-3, beta=beta, k=2.0)(x.requires_grad_())
         assert torch.allclose(trained, theirs, rtol=1e-5, atol=1e-6)            # autograd path
         x = x.detach()

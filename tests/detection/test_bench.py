@@ -62,7 +62,10 @@ def test_precisions_are_tried_only_where_they_are_faster():
     assert "bf16" in singles and "fp16" not in singles
     assert "fp16" in skipped and "90" in skipped["fp16"]
     singles, skipped = auto_variants({"fp32": 100.0, "bf16": 1.0, "fp16": 0.0})
-    assert singles == ["dedup", "svd", "channels_last"] and set(skipped) == {"bf16", "fp16"}
+    assert singles == ["dedup", "svd", "channels_last"]
+    assert set(skipped) == {"bf16", "fp16", "int8"}
+    singles, skipped = auto_variants({"fp32": 100.0, "bf16": 1.0, "fp16": 0.0}, int8=True)
+    assert "int8" in singles and "int8" not in skipped
 
 
 def test_map_deltas_need_a_demo_workdir(tmp_path):

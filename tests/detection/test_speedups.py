@@ -66,7 +66,7 @@ def test_dedup_gives_the_same_features(net, image_and_boxes):
     assert torch.allclose(fc7_d, fc7, atol=1e-6) and torch.allclose(pooled_d, pooled, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["channels_last", "bf16", "svd"])
+@pytest.mark.parametrize("name", ["channels_last", "bf16", "svd", "int8"])
 def test_switches_stay_close_to_plain(net, image_and_boxes, name):
     image, boxes = image_and_boxes
     plain = ExtractSettings(scales=(200,), max_side=800)
@@ -77,13 +77,13 @@ def test_switches_stay_close_to_plain(net, image_and_boxes, name):
         ours = extract(vnet, image, boxes[:8], method, settings)
         assert ours.dtype == torch.float32 and ours.shape == reference.shape
         cosine = nn.functional.cosine_similarity(ours, reference, dim=1)
-        limit = {"channels_last": 0.99999, "bf16": 0.99, "svd": 0.5}[name]
+        limit = {"channels_last": 0.99999, "bf16": 0.99, "svd": 0.5, "int8": 0.99}[name]
         assert float(cosine.min()) > limit
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
 def test_variant_names_are_checked():
     assert parse_variant("dedup+svd+bf16") == ("dedup", "svd", "bf16")
-    for bad in ("", "fast", "dedup+warp", "bf16+fp16"):
+    for bad in ("", "fast", "dedup+warp", "bf16+fp16", "int8+bf16"):
         with pytest.raises(SppnetError):
             parse_variant(bad)
