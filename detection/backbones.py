@@ -293,6 +293,16 @@ def load_checkpoint(path: str | Path) -> dict:
                           f"{reason})") from None
 
 
+def prefer_channels_last(net: DetectorNet) -> DetectorNet:
+    """On a CPU, keep the trunk's weights channels-last, so that its convolutions and pools run
+    in NHWC whatever the input's layout (measured on this project's 2-core CPU, small preset:
+    a training step 1.1-1.5x and R-CNN inference 1.5-2x faster). The values are the same; other
+    devices are left as they are. `sppnet bench` keeps the plain layout for its plain rows."""
+    if next(net.parameters()).device.type == "cpu":
+        net.trunk.to(memory_format=torch.channels_last)
+    return net
+
+
 def save_checkpoint(net: DetectorNet, path: str | Path, extra: dict | None = None) -> Path:
     """Write the net as tensors plus a JSON-compatible config (atomically)."""
     from data.atomic import atomic_write

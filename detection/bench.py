@@ -147,6 +147,9 @@ def run_bench(net: DetectorNet, images: Sequence[tuple[str, np.ndarray, np.ndarr
     for row in rows:
         row_net, row_settings = (apply_variant(net, settings, row.switches) if row.switches
                                  else (net, settings))
+        if row_settings.batch_images > 1:
+            out[row.name] = _batched_row(row_net, images, row, row_settings, device, progress)
+            continue
         time_row(row_net, first_image, warm, row, row_settings, None, rng, device)
         per_region = None if row.switches else region_flops(net, first_image, row, settings)
         times, conv_flops, fc_flops = [], 0.0, 0.0
@@ -186,6 +189,36 @@ def run_bench(net: DetectorNet, images: Sequence[tuple[str, np.ndarray, np.ndarr
         }
     regions = float(np.median([len(b) for _, _, b in images]))
     return {"rows": out, "regions_per_image": regions, "images": len(images)}
+
+
+def _batched_row(net: DetectorNet, images, row: BenchRow, settings: ExtractSettings,
+                 device: torch.device, progress: Callable[[str], None] | None) -> dict:
+    """An SPP-net row whose conv layers run on groups of `settings.batch_images` images (the
+    last group filled up by repeating images): per image, each stage's time over the group
+    divided by its size; medians over the groups."""
+    from detection.features import extract_batch
+
+    group = settings.batch_images
+    groups = [list(images[i:i + group]) for i in range(0, len(images), group)]
+    groups = [(g * group)[:group] for g in groups]
+    warm = groups[0]
+    extract_batch(net, [im for _, im, _ in warm], [b[:64] for _, _, b in warm], settings)
+    times = []
+    for members in groups:
+        if progress:
+            progress(f"{row.name}: {', '.join(image_id for image_id, _, _ in members)}")
+        timer = StageTimer(device)
+        extract_batch(net, [im for _, im, _ in members], [b for _, _, b in members], settings,
+                      timer)
+        seconds = {k: v / len(members) for k, v in timer.seconds.items()}
+        seconds["total"] = seconds["conv"] + seconds["pool"] + seconds["fc"]
+        times.append(seconds)
+    med = {k: float(statistics.median(t[k] for t in times)) for k in ("conv", "pool", "fc", "total")}
+    return {"method": row.method, "scales": list(row.scales), "switches": list(row.switches),
+            "conv_s": med["conv"], "pool_s": med["pool"], "fc_s": med["fc"],
+            "total_s": med["total"], "conv_gflops": None, "fc_gflops": None,
+            "conv_gflops_per_s": None, "fc_gflops_per_s": None, "extrapolated_from": None,
+            "images_per_batch": group}
 
 
 def format_table(result: dict, paper: bool = True) -> str:
@@ -307,7 +340,7 @@ def precision_rates(device: torch.device) -> dict[str, float]:
 def auto_variants(rates: dict[str, float], int8: bool = False) -> tuple[list[str], dict[str, str]]:
     """The single switches worth timing on a device with these matmul rates (and `int8` where
     it can run), and why each precision left out was left out."""
-    singles = ["dedup", "svd", "channels_last"] + (["int8"] if int8 else [])
+    singles = ["dedup", "svd", "channels_last", "batch"] + (["int8"] if int8 else [])
     skipped = {} if int8 else {"int8": "int8 fc layers run on a CPU only"}
     for name in PRECISION_DTYPES:
         if rates[name] >= PRECISION_GAIN * rates["fp32"]:

@@ -50,6 +50,7 @@ class ExtractSettings:
     fc_chunk: int = 1024
     dedup: bool = False
     channels_last: bool = False
+    batch_images: int = 1             # images per trunk call in `extract_batch`
     precision: str = "fp32"           # fp32, bf16 or fp16 (autocast)
 
 
@@ -81,6 +82,33 @@ def conv_maps(net: DetectorNet, image: np.ndarray | Tensor, scales: Sequence[int
     maps = [net.trunk(resize_image(pre, f).contiguous(memory_format=layout))[0]
             for f in factors]
     return ConvMaps(factors, maps)
+
+
+def conv_maps_batch(net: DetectorNet, images: Sequence[np.ndarray | Tensor],
+                    scales: Sequence[int], max_side: int = DEFAULT_MAX_SIDE,
+                    channels_last: bool = False) -> list[ConvMaps]:
+    """`conv_maps` of several images with one trunk call per scale: the resized images are
+    padded at the right and bottom with zeros (the mean pixel) to a common size, and each map is
+    cut back to its own image's size. Cells at the right and bottom edge of a padded image may
+    differ slightly from `conv_maps` (a pool window there can reach into the padding)."""
+    from detection.backbones import output_side
+
+    pres = [net.preprocess(image) for image in images]
+    factors = [[scale_factor(*pre.shape[-2:], s, max_side) for s in scales] for pre in pres]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    maps: list[list[Tensor]] = [[] for _ in pres]
+    for k in range(len(scales)):
+        resized = [resize_image(pre, f[k]) for pre, f in zip(pres, factors)]
+        height = max(r.shape[-2] for r in resized)
+        width = max(r.shape[-1] for r in resized)
+        batch = resized[0].new_zeros((len(resized), 3, height, width))
+        for i, r in enumerate(resized):
+            batch[i, :, :r.shape[-2], :r.shape[-1]] = r[0]
+        out = net.trunk(batch.contiguous(memory_format=layout))
+        for i, r in enumerate(resized):
+            h, w = output_side(net.trunk, r.shape[-2]), output_side(net.trunk, r.shape[-1])
+            maps[i].append(out[i, :, :h, :w])
+    return [ConvMaps(f, m) for f, m in zip(factors, maps)]
 
 
 def box_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor,
@@ -154,28 +182,64 @@ def extract(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor | np.nda
     device = net_device(net)
     boxes = _as_boxes(boxes, device)
     with torch.inference_mode(), _autocast(device, settings.precision):
-        inverse = None
         if method == "spp":
             with timer.stage("conv"):
                 conv = conv_maps(net, image, settings.scales, settings.max_side,
                                  settings.channels_last)
-            with timer.stage("pool"):
-                windows = box_windows(net, conv, boxes, settings.box_target)
-                if settings.dedup:
-                    windows, inverse = torch.unique(windows, dim=0, return_inverse=True)
-                pooled = pool_scaled_windows(net, conv, windows, settings.pool_chunk)
-            head = net.spp_fc
-        else:
-            crop = net.crop_size
-            chunk = settings.rcnn_chunk or net.spec.rcnn_chunk
-            with timer.stage("conv"):
-                pooled = rcnn_pool5(net, image, boxes, crop, settings.context, chunk,
-                                    settings.channels_last)
-            head = net.rcnn_fc
+            return _spp_from_maps(net, conv, boxes, settings, timer, return_pooled)
+        crop = net.crop_size
+        chunk = settings.rcnn_chunk or net.spec.rcnn_chunk
+        with timer.stage("conv"):
+            pooled = rcnn_pool5(net, image, boxes, crop, settings.context, chunk,
+                                settings.channels_last)
         with timer.stage("fc"):
-            fc7 = fc_features(head, pooled, settings.fc_chunk).float()
-            if inverse is not None:
-                fc7 = fc7[inverse]
+            fc7 = fc_features(net.rcnn_fc, pooled, settings.fc_chunk).float()
+    return (pooled.float(), fc7) if return_pooled else fc7
+
+
+def extract_batch(net: DetectorNet, images: Sequence[np.ndarray | Tensor],
+                  boxes: Sequence[Tensor | np.ndarray], settings: ExtractSettings = ExtractSettings(),
+                  timer: StageTimer | None = None, return_pooled: bool = False) -> list:
+    """SPP-net `extract` of several images, their conv layers run together (`conv_maps_batch`)
+    in groups of `settings.batch_images` images of similar size (sorted by their scaled height
+    and width, so that little padding is needed); one result per image, in the given order, as `extract`
+    gives it."""
+    timer = timer or NullTimer()
+    device = net_device(net)
+    group = max(1, settings.batch_images)
+    def resized(i: int) -> tuple[int, int]:          # the image's size at the first scale
+        height, width = images[i].shape[:2]
+        f = scale_factor(height, width, settings.scales[0], settings.max_side)
+        return round(height * f), round(width * f)
+
+    order = sorted(range(len(images)), key=resized)
+    out: list = [None] * len(images)
+    with torch.inference_mode(), _autocast(device, settings.precision):
+        for start in range(0, len(order), group):
+            members = order[start:start + group]
+            with timer.stage("conv"):
+                maps = conv_maps_batch(net, [images[i] for i in members], settings.scales,
+                                       settings.max_side, settings.channels_last)
+            for i, conv in zip(members, maps):
+                out[i] = _spp_from_maps(net, conv, _as_boxes(boxes[i], device), settings,
+                                        timer, return_pooled)
+    return out
+
+
+def _spp_from_maps(net: DetectorNet, conv: ConvMaps, boxes: Tensor, settings: ExtractSettings,
+                   timer: StageTimer, return_pooled: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """SPP-net after the conv layers: project, pyramid-pool (once per distinct window with
+    `dedup`), fc6/fc7."""
+    inverse = None
+    with timer.stage("pool"):
+        windows = box_windows(net, conv, boxes, settings.box_target)
+        if settings.dedup:
+            windows, inverse = torch.unique(windows, dim=0, return_inverse=True)
+        pooled = pool_scaled_windows(net, conv, windows, settings.pool_chunk)
+    with timer.stage("fc"):
+        fc7 = fc_features(net.spp_fc, pooled, settings.fc_chunk).float()
+        if inverse is not None:
+            fc7 = fc7[inverse]
     if not return_pooled:
         return fc7
     return (pooled if inverse is None else pooled[inverse]).float(), fc7

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from data.atomic import atomic_write
 from data.errors import SppnetError
-from detection.backbones import DetectorNet, load_checkpoint
-from detection.features import ExtractSettings, extract
+from detection.backbones import DetectorNet, load_checkpoint, prefer_channels_last
+from detection.features import ExtractSettings, extract, extract_batch
 from detection.postprocess import clip_boxes, detections_from_scores
 from detection.presets import Preset
 from detection.timing import StageTimer
@@ -64,13 +64,28 @@ class Detector:
                score_threshold: float | None = None, timer: StageTimer | None = None) -> dict:
         """Detections of one HxWx3 uint8 image from its proposals: per-class NMS at 0.3, at
         most 100 per class; boxes regressed when a regressor is present."""
-        boxes = torch.as_tensor(np.asarray(proposals), dtype=torch.float32).reshape(-1, 4)
-        height, width = image.shape[:2]
+        boxes = _as_boxes(proposals)
         if len(boxes) == 0:
-            return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                    "scores": torch.zeros(0)}
+            return _no_detections()
         pooled, fc7 = extract(self.net, image, boxes, self.method, self.settings, timer,
                               return_pooled=True)
+        return self._detections(image, boxes, pooled, fc7, score_threshold)
+
+    def detect_many(self, images: list[np.ndarray], proposals: list,
+                    score_threshold: float | None = None) -> list[dict]:
+        """`detect` of several images; SPP-net runs their conv layers together when its
+        settings batch images (the `batch` speedup)."""
+        if self.method != "spp" or self.settings.batch_images <= 1:
+            return [self.detect(image, p, score_threshold) for image, p in zip(images, proposals)]
+        boxes = [_as_boxes(p) for p in proposals]
+        features = extract_batch(self.net, images, boxes, self.settings, return_pooled=True)
+        return [self._detections(image, b, pooled, fc7, score_threshold) if len(b)
+                else _no_detections()
+                for image, b, (pooled, fc7) in zip(images, boxes, features)]
+
+    def _detections(self, image: np.ndarray, boxes: Tensor, pooled: Tensor, fc7: Tensor,
+                    score_threshold: float | None) -> dict:
+        height, width = image.shape[:2]
         scores = self.scores(fc7)
         per_class = boxes
         if self.box_regressor is not None:
@@ -98,6 +113,15 @@ class Detector:
         return atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def _as_boxes(proposals: np.ndarray | Tensor) -> Tensor:
+    return torch.as_tensor(np.asarray(proposals), dtype=torch.float32).reshape(-1, 4)
+
+
+def _no_detections() -> dict:
+    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+            "scores": torch.zeros(0)}
+
+
 def load_detector(path: str | Path, device: torch.device | str = "cpu") -> Detector:
     """Read a detector written by `Detector.save`; a wrong file is a one-line error."""
     data = load_checkpoint(path)
@@ -106,7 +130,7 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu") -> Detec
         raise SppnetError(f"{path}: not an sppnet detector (train one with `sppnet train`)")
     net = DetectorNet(config["backbone"], config["spp_levels"], config["crop_size"])
     net.load_state_dict(data["state_dict"])
-    net = net.to(device).eval()
+    net = prefer_channels_last(net.to(device).eval())
     classes = tuple(config["classes"])
     fc8 = nn.Linear(net.feature_dim, len(classes) + 1)
     fc8.load_state_dict(data["fc8"])

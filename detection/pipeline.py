@@ -15,7 +15,8 @@ import torch
 
 from data.errors import SppnetError
 from data.voc import VOCDataset
-from detection.backbones import DetectorNet, build_net, load_checkpoint, save_checkpoint
+from detection.backbones import (DetectorNet, build_net, load_checkpoint, prefer_channels_last,
+                                 save_checkpoint)
 from detection.model import Detector, load_detector
 from detection.presets import Preset
 
@@ -64,9 +65,10 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
         config = load_checkpoint(path)["config"]
         if config.get("classes") == list(dataset.classes):
             _log(f"trunk: reusing {path}")
-            return build_net(preset.backbone, path).to(device), config.get("log", {})
-    net = build_net(preset.backbone, weights, crop_size=preset.crop_size,
-                    seed=settings.seed).to(device)
+            return prefer_channels_last(build_net(preset.backbone, path).to(device)), \
+                config.get("log", {})
+    net = prefer_channels_last(build_net(preset.backbone, weights, crop_size=preset.crop_size,
+                                         seed=settings.seed).to(device))
     if weights not in (None, "random"):
         _log(f"trunk: starting from {weights}, no pre-training")
         log = {"weights": str(weights)}
@@ -218,21 +220,27 @@ def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Pa
     proposals, _ = dataset_proposals(dataset, workdir, detector.preset.max_proposals, jobs,
                                      progress=not quiet)
     per_image, seconds, example_files = {}, [], []
-    for image in tqdm(dataset.images, desc=f"detect ({detector.method})", file=sys.stderr,
-                      disable=quiet, dynamic_ncols=True, leave=False):
-        if image.image_id not in proposals:
-            continue
-        pixels = load_image(image.path)
+    todo = [image for image in dataset.images if image.image_id in proposals]
+    group = max(1, detector.settings.batch_images)
+    bar = tqdm(total=len(todo), desc=f"detect ({detector.method})", file=sys.stderr,
+               disable=quiet, dynamic_ncols=True, leave=False)
+    for first in range(0, len(todo), group):
+        images = todo[first:first + group]
+        pixels = [load_image(image.path) for image in images]
         start = time.perf_counter()
-        det = detector.detect(pixels, proposals[image.image_id])
-        seconds.append(time.perf_counter() - start)
-        per_image[image.image_id] = {k: v.cpu().numpy() for k, v in det.items()}
-        if len(example_files) < examples:
-            top = det["scores"] > (0.0 if detector.scorer == "svm" else 0.5)   # confident ones
-            name = f"example_{len(example_files) + 1}.jpg"
-            draw_detections(pixels, det["boxes"][top].numpy(), det["labels"][top].numpy(),
-                            det["scores"][top].numpy(), dataset.classes, out_dir / name)
-            example_files.append(name)
+        dets = detector.detect_many(pixels, [proposals[image.image_id] for image in images])
+        seconds += [(time.perf_counter() - start) / len(images)] * len(images)
+        for image, image_pixels, det in zip(images, pixels, dets):
+            per_image[image.image_id] = {k: v.cpu().numpy() for k, v in det.items()}
+            if len(example_files) < examples:
+                top = det["scores"] > (0.0 if detector.scorer == "svm" else 0.5)  # confident
+                name = f"example_{len(example_files) + 1}.jpg"
+                draw_detections(image_pixels, det["boxes"][top].numpy(),
+                                det["labels"][top].numpy(), det["scores"][top].numpy(),
+                                dataset.classes, out_dir / name)
+                example_files.append(name)
+        bar.update(len(images))
+    bar.close()
     dets = detections_by_class(per_image, dataset.classes)
     write_voc_results(out_dir, dataset.split, dets)
     voc = evaluate_voc(dataset, dets, metric=metric)

@@ -8,6 +8,7 @@ for mAP.
 - `channels_last`: conv layers in NHWC memory layout.
 - `bf16`, `fp16`: conv and fc under autocast.
 - `int8`: fc6/fc7 as dynamically quantised int8 layers (CPU only, PyTorch's fbgemm/x86 kernels).
+- `batch`: the conv layers of `BATCH_IMAGES` images in one call (padded to a common size).
 
 A variant is a `+`-joined list of switches, e.g. `dedup+svd+bf16`.
 """
@@ -26,7 +27,8 @@ from data.errors import SppnetError
 from detection.backbones import DetectorNet, FCHead
 from detection.features import ExtractSettings
 
-SWITCHES = ("dedup", "svd", "channels_last", "bf16", "fp16", "int8")
+SWITCHES = ("dedup", "svd", "channels_last", "bf16", "fp16", "int8", "batch")
+BATCH_IMAGES = 4
 PRECISIONS = ("bf16", "fp16", "int8")
 
 
@@ -111,7 +113,8 @@ def apply_variant(net: DetectorNet, settings: ExtractSettings, switches: Sequenc
         net.spp_fc = quantized_head(net.spp_fc)
     precision = next((s for s in switches if s in ("bf16", "fp16")), "fp32")
     return net, replace(settings, dedup="dedup" in switches,
-                        channels_last="channels_last" in switches, precision=precision)
+                        channels_last="channels_last" in switches, precision=precision,
+                        batch_images=BATCH_IMAGES if "batch" in switches else 1)
 
 
 def variant_detector(detector, switches: Sequence[str]):
@@ -119,6 +122,6 @@ def variant_detector(detector, switches: Sequence[str]):
     `svd`); the given detector is not changed."""
     net, settings = apply_variant(detector.net, detector.settings, switches)
     speedups = {"dedup": settings.dedup, "channels_last": settings.channels_last,
-                "precision": settings.precision}
+                "precision": settings.precision, "batch_images": settings.batch_images}
     return replace(detector, net=net, speedups=speedups)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torchvision import models
@@ -125,3 +126,19 @@ def test_pretrained_fc6_needs_its_pool5_grid(tmp_path):
     torch.save(models.alexnet(weights=None).state_dict(), path)
     with pytest.raises(SppnetError, match="6x6 pool5"):
         build_net("alexnet", weights=path, crop_size=163)
+
+
+def test_channels_last_trunk_on_the_cpu_gives_the_same_features():
+    from detection.backbones import prefer_channels_last
+    from detection.features import ExtractSettings, extract
+
+    plain = build_net("zf5_small", seed=0, crop_size=99).eval()
+    fast = prefer_channels_last(build_net("zf5_small", seed=0, crop_size=99).eval())
+    conv1 = next(m for m in fast.trunk if isinstance(m, torch.nn.Conv2d))
+    assert conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    image = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 119.0, 89.0], [10.0, 20.0, 60.0, 70.0]])
+    for method in ("spp", "rcnn"):
+        a = extract(plain, image, boxes, method, ExtractSettings(scales=(150,), max_side=400))
+        b = extract(fast, image, boxes, method, ExtractSettings(scales=(150,), max_side=400))
+        assert torch.allclose(a, b, atol=1e-5)

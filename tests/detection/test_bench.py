@@ -62,7 +62,7 @@ def test_precisions_are_tried_only_where_they_are_faster():
     assert "bf16" in singles and "fp16" not in singles
     assert "fp16" in skipped and "90" in skipped["fp16"]
     singles, skipped = auto_variants({"fp32": 100.0, "bf16": 1.0, "fp16": 0.0})
-    assert singles == ["dedup", "svd", "channels_last"]
+    assert singles == ["dedup", "svd", "channels_last", "batch"]
     assert set(skipped) == {"bf16", "fp16", "int8"}
     singles, skipped = auto_variants({"fp32": 100.0, "bf16": 1.0, "fp16": 0.0}, int8=True)
     assert "int8" in singles and "int8" not in skipped
@@ -71,3 +71,12 @@ def test_precisions_are_tried_only_where_they_are_faster():
 def test_map_deltas_need_a_demo_workdir(tmp_path):
     with pytest.raises(SppnetError, match="sppnet demo"):
         variant_map_deltas(tmp_path, ["dedup"], torch.device("cpu"))
+
+
+def test_batched_rows_time_groups_of_images(setup):
+    net, images, settings = setup
+    three = images + images[:1]
+    row = BenchRow("SPP-net +batch", "spp", (160,), ("batch",))
+    result = run_bench(net, three, [row], settings, torch.device("cpu"))["rows"][row.name]
+    assert result["images_per_batch"] == 4 and result["switches"] == ["batch"]
+    assert result["total_s"] == pytest.approx(result["conv_s"] + result["pool_s"] + result["fc_s"])

@@ -3,6 +3,8 @@ channels-last and autocast close to fp32, variant names checked, and the net lef
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,27 @@ def test_variant_names_are_checked():
     for bad in ("", "fast", "dedup+warp", "bf16+fp16", "int8+bf16"):
         with pytest.raises(SppnetError):
             parse_variant(bad)
+
+
+def test_batched_conv_equals_one_image_at_a_time(net):
+    from detection.features import conv_maps, conv_maps_batch, extract_batch
+
+    rng = np.random.default_rng(3)
+    same = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(2)]
+    other = rng.integers(0, 256, (100, 90, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        for image, maps in zip(same, conv_maps_batch(net, same, (150, 200), 800)):
+            alone = conv_maps(net, image, (150, 200), 800)
+            assert maps.factors == alone.factors
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(maps.maps, alone.maps))
+        padded = conv_maps_batch(net, [same[0], other], (150,), 800)      # other is padded
+        assert padded[1].maps[0].shape == conv_maps(net, other, (150,), 800).maps[0].shape
+    boxes = [torch.tensor([[5.0, 5.0, 80.0, 90.0], [40.0, 30.0, 85.0, 95.0]])] * 3
+    _, settings = apply_variant(net, ExtractSettings(scales=(150,), max_side=800),
+                                parse_variant("batch"))
+    images = [same[0], other, same[1]]                    # grouped by size, order kept
+    together = extract_batch(net, images, boxes, replace(settings, batch_images=2))
+    for k in (0, 2):
+        assert torch.allclose(together[k], extract(net, images[k], boxes[k], "spp", settings),
+                              atol=1e-5)
+    assert together[1].shape == (2, net.feature_dim)
