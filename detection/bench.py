@@ -5,6 +5,10 @@ achieved GFLOP/s beside a measured fp32 matmul rate on the same device).
 Each figure is the median over the timed images after a warm-up image; the device is synchronised
 around each stage (`StageTimer`). R-CNN may be timed on a random sample of K regions per image and
 extrapolated linearly to all regions (its cost is per region): such rows say so.
+
+Plain rows run the same network in strict fp32 for both methods (`speedup`). Variant rows run
+SPP-net with the switches of `detection.speedups`, each against the plain R-CNN, with the mAP
+change they cause on the demo set when a demo workdir is given.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
