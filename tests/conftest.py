@@ -130,3 +130,20 @@ def draw():
 def write_drawn():
     """The `write_drawn_images(folder, count=3, start=0)` helper."""
     return write_drawn_images
+
+
+def _random_scene(seed: int, height: int, width: int, count: int, max_start: float,
+                  sides: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """A random HxWx3 uint8 image and `count` random boxes `[count, 4]` (float, 0-based xyxy)
+    starting below `max_start` with sides drawn from `sides`, clipped to the image."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    xy = rng.uniform(0, max_start, (count, 2))
+    far = np.minimum(xy + rng.uniform(*sides, (count, 2)), [width - 1, height - 1])
+    return image, np.concatenate([xy, far], 1)
+
+
+@pytest.fixture(scope="session")
+def random_scene():
+    """`random_scene(seed, height, width, count, max_start, sides) -> (image, boxes)`."""
+    return _random_scene

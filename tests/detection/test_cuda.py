@@ -3,7 +3,6 @@ both methods' features against the CPU's, lower precisions, and the stage timer'
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,11 +24,8 @@ def nets():
 
 
 @pytest.fixture(scope="module")
-def image_and_boxes():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
-    xy = rng.uniform(0, 300, (300, 2))
-    boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(8, 300, (300, 2)), [499, 374])], 1)
+def image_and_boxes(random_scene):
+    image, boxes = random_scene(0, 375, 500, 300, 300, (8, 300))
     return image, torch.tensor(boxes, dtype=torch.float32)
 
 

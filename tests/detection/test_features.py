@@ -22,11 +22,8 @@ def net():
 
 
 @pytest.fixture(scope="module")
-def image_and_boxes():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
-    xy = rng.uniform(0, 120, (12, 2))
-    boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(4, 100, (12, 2)), [159, 119])], 1)
+def image_and_boxes(random_scene):
+    image, boxes = random_scene(0, 120, 160, 12, 120, (4, 100))
     boxes[0] = [0, 0, 159, 119]         # large enough for the smaller of two scales
     return image, torch.tensor(boxes, dtype=torch.float32)
 

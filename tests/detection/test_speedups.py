@@ -23,11 +23,8 @@ def net():
 
 
 @pytest.fixture(scope="module")
-def image_and_boxes():
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
-    xy = rng.uniform(0, 100, (40, 2))
-    boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(10, 80, (40, 2)), [159, 119])], 1)
+def image_and_boxes(random_scene):
+    image, boxes = random_scene(1, 120, 160, 40, 100, (10, 80))
     boxes[20:30] = boxes[:10] + 0.5           # same conv5 windows as the first ten
     return image, torch.tensor(boxes, dtype=torch.float32)
 
