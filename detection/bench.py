@@ -175,22 +175,17 @@ def run_bench(net: DetectorNet, images: Sequence[tuple[str, np.ndarray, np.ndarr
                 conv_flops += conv_flops_of_shape[key]
             else:
                 conv_flops += n * per_region["conv"]
-        med = {k: float(statistics.median(t[k] for t in times))
-               for k in ("conv", "pool", "fc", "total")}
         conv_time = sum(t["conv"] for t in times)
         fc_time = sum(t["fc"] for t in times)
         plain = per_region is not None
-        out[row.name] = {
-            "method": row.method, "scales": list(row.scales), "switches": list(row.switches),
-            "conv_s": med["conv"], "pool_s": med["pool"], "fc_s": med["fc"],
-            "total_s": med["total"],
-            "conv_gflops": conv_flops / len(images) / 1e9 if plain else None,
-            "fc_gflops": fc_flops / len(images) / 1e9 if plain else None,
-            "conv_gflops_per_s": conv_flops / 1e9 / conv_time if plain and conv_time else None,
-            "fc_gflops_per_s": fc_flops / 1e9 / fc_time if plain and fc_time else None,
-            "extrapolated_from": (rcnn_sample if row.method == "rcnn" and rcnn_sample
-                                  and any(rcnn_sample < len(b) for _, _, b in images) else None),
-        }
+        out[row.name] = _row_summary(
+            row, times,
+            conv_gflops=conv_flops / len(images) / 1e9 if plain else None,
+            fc_gflops=fc_flops / len(images) / 1e9 if plain else None,
+            conv_gflops_per_s=conv_flops / 1e9 / conv_time if plain and conv_time else None,
+            fc_gflops_per_s=fc_flops / 1e9 / fc_time if plain and fc_time else None,
+            extrapolated_from=(rcnn_sample if row.method == "rcnn" and rcnn_sample
+                               and any(rcnn_sample < len(b) for _, _, b in images) else None))
     regions = float(np.median([len(b) for _, _, b in images]))
     return {"rows": out, "regions_per_image": regions, "images": len(images)}
 
@@ -217,12 +212,19 @@ def _batched_row(net: DetectorNet, images, row: BenchRow, settings: ExtractSetti
         seconds = {k: v / len(members) for k, v in timer.seconds.items()}
         seconds["total"] = seconds["conv"] + seconds["pool"] + seconds["fc"]
         times.append(seconds)
-    med = {k: float(statistics.median(t[k] for t in times)) for k in ("conv", "pool", "fc", "total")}
+    return _row_summary(row, times, images_per_batch=group)
+
+
+def _row_summary(row: BenchRow, times: list[dict[str, float]], **extra: object) -> dict:
+    """A row's JSON: median seconds per stage over `times`, FLOP figures (None unless given),
+    and `extra`."""
+    med = {k: float(statistics.median(t[k] for t in times))
+           for k in ("conv", "pool", "fc", "total")}
     return {"method": row.method, "scales": list(row.scales), "switches": list(row.switches),
             "conv_s": med["conv"], "pool_s": med["pool"], "fc_s": med["fc"],
             "total_s": med["total"], "conv_gflops": None, "fc_gflops": None,
             "conv_gflops_per_s": None, "fc_gflops_per_s": None, "extrapolated_from": None,
-            "images_per_batch": group}
+            **extra}
 
 
 def format_table(result: dict, paper: bool = True) -> str:

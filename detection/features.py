@@ -78,8 +78,7 @@ def conv_maps(net: DetectorNet, image: np.ndarray | Tensor, scales: Sequence[int
     pre = net.preprocess(image)
     height, width = pre.shape[-2:]
     factors = [scale_factor(height, width, s, max_side) for s in scales]
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    maps = [net.trunk(resize_image(pre, f).contiguous(memory_format=layout))[0]
+    maps = [net.trunk(resize_image(pre, f).contiguous(memory_format=_layout(channels_last)))[0]
             for f in factors]
     return ConvMaps(factors, maps)
 
@@ -89,13 +88,13 @@ def conv_maps_batch(net: DetectorNet, images: Sequence[np.ndarray | Tensor],
                     channels_last: bool = False) -> list[ConvMaps]:
     """`conv_maps` of several images with one trunk call per scale: the resized images are
     padded at the right and bottom with zeros (the mean pixel) to a common size, and each map is
-    cut back to its own image's size. Cells at the right and bottom edge of a padded image may
-    differ slightly from `conv_maps` (a pool window there can reach into the padding)."""
+    cut back to its own image's size. A padded image's cells whose receptive field reaches into
+    the padding differ from `conv_maps` (with the trunk's large receptive fields, often half the
+    map), so `extract_batch` groups images of the same scaled size; the mAP cost is measured."""
     from detection.backbones import output_side
 
     pres = [net.preprocess(image) for image in images]
     factors = [[scale_factor(*pre.shape[-2:], s, max_side) for s in scales] for pre in pres]
-    layout = torch.channels_last if channels_last else torch.contiguous_format
     maps: list[list[Tensor]] = [[] for _ in pres]
     for k in range(len(scales)):
         resized = [resize_image(pre, f[k]) for pre, f in zip(pres, factors)]
@@ -104,7 +103,7 @@ def conv_maps_batch(net: DetectorNet, images: Sequence[np.ndarray | Tensor],
         batch = resized[0].new_zeros((len(resized), 3, height, width))
         for i, r in enumerate(resized):
             batch[i, :, :r.shape[-2], :r.shape[-1]] = r[0]
-        out = net.trunk(batch.contiguous(memory_format=layout))
+        out = net.trunk(batch.contiguous(memory_format=_layout(channels_last)))
         for i, r in enumerate(resized):
             h, w = output_side(net.trunk, r.shape[-2]), output_side(net.trunk, r.shape[-1])
             maps[i].append(out[i, :, :h, :w])
@@ -151,7 +150,7 @@ def rcnn_pool5(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor, crop
     """Warp every box and run conv1-5 + pool5 on the warps in chunks: `[N, C * g * g]`."""
     pre = net.preprocess(image)
     boxes = boxes.to(pre.device)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = _layout(channels_last)
     parts = [net.pool5(net.trunk(warp_regions(pre, boxes[i:i + chunk], crop, context)
                                  .contiguous(memory_format=layout))).flatten(1)
              for i in range(0, len(boxes), chunk)]
@@ -198,15 +197,17 @@ def extract(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor | np.nda
 
 
 def extract_batch(net: DetectorNet, images: Sequence[np.ndarray | Tensor],
-                  boxes: Sequence[Tensor | np.ndarray], settings: ExtractSettings = ExtractSettings(),
+                  boxes: Sequence[Tensor | np.ndarray],
+                  settings: ExtractSettings = ExtractSettings(),
                   timer: StageTimer | None = None, return_pooled: bool = False) -> list:
     """SPP-net `extract` of several images, their conv layers run together (`conv_maps_batch`)
     in groups of `settings.batch_images` images of similar size (sorted by their scaled height
-    and width, so that little padding is needed); one result per image, in the given order, as `extract`
-    gives it."""
+    and width, so that little padding is needed); one result per image, in the given order, as
+    `extract` gives it."""
     timer = timer or NullTimer()
     device = net_device(net)
     group = max(1, settings.batch_images)
+
     def resized(i: int) -> tuple[int, int]:          # the image's size at the first scale
         height, width = images[i].shape[:2]
         f = scale_factor(height, width, settings.scales[0], settings.max_side)
@@ -243,6 +244,10 @@ def _spp_from_maps(net: DetectorNet, conv: ConvMaps, boxes: Tensor, settings: Ex
     if not return_pooled:
         return fc7
     return (pooled if inverse is None else pooled[inverse]).float(), fc7
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _autocast(device: torch.device, precision: str):

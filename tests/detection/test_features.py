@@ -17,11 +17,6 @@ from detection.timing import StageTimer
 
 
 @pytest.fixture(scope="module")
-def net():
-    return build_net("zf5_small", seed=0, crop_size=99)
-
-
-@pytest.fixture(scope="module")
 def image_and_boxes(random_scene):
     image, boxes = random_scene(0, 120, 160, 12, 120, (4, 100))
     boxes[0] = [0, 0, 159, 119]         # large enough for the smaller of two scales

@@ -18,11 +18,6 @@ from detection.speedups import (apply_variant, default_svd_ranks, low_rank_linea
 
 
 @pytest.fixture(scope="module")
-def net():
-    return build_net("zf5_small", seed=0, crop_size=99)
-
-
-@pytest.fixture(scope="module")
 def image_and_boxes(random_scene):
     image, boxes = random_scene(1, 120, 160, 40, 100, (10, 80))
     boxes[20:30] = boxes[:10] + 0.5           # same conv5 windows as the first ten
