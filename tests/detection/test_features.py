@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from detection.backbones import build_net
 from detection.features import ExtractSettings, extract
 from detection.rcnn_warp import warp_regions
 from detection.scales import assign_scales, resize_image, scale_factor
