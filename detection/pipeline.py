@@ -110,15 +110,22 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
          + (f" on {len(tune_images)} images, scales {train_scales}" if choose_scale else ""))
     conv_cache = (Path(workdir) / "conv5"
                   / f"{dataset.name}-{trunk_digest(net)}-{'-'.join(map(str, train_scales))}")
+    pretrained_head = {k: v.clone() for k, v in net.spp_fc.state_dict().items()}
     fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), settings, device,
                                  train_scales, preset.max_side, conv_cache, quiet)
     scale_log = None
-    if choose_scale:
+    if choose_scale and val_images:
         scales, scale_log = choose_test_scale(net, fc8, dataset, preset, val_images,
                                               train_scales)
         _log(f"spp: test scales {'+'.join(map(str, scales))} chosen on {len(val_images)} "
              f"validation images ({', '.join(f'{s}: {m:.3f}' for s, m in scale_log.items())} "
              f"mAP)")
+        # the choice made, the validation images go back into training (R-CNN trains on all
+        # of them too): fine-tune again from the pre-trained head on the whole split
+        _log(f"spp: fine-tuning again on all {len(images)} images")
+        net.spp_fc.load_state_dict(pretrained_head)
+        fc8, finetune_log = finetune(net, method, images, len(dataset.classes), settings,
+                                     device, train_scales, preset.max_side, conv_cache, quiet)
     scales = tuple(scales or preset.scales())
     scorer = scorer or preset.scorer
     detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8, scorer=scorer)

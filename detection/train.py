@@ -287,7 +287,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
         if step % 20 == 0:
             bar.set_postfix_str(f"loss {np.mean(losses[-20:]):.3f}")
     net.eval()
-    return fc8.eval(), {"iterations": iterations,
+    return fc8.eval(), {"iterations": iterations, "images": len(images),
                         "final_loss": float(np.mean(losses[-50:])),
                         "seconds": time.perf_counter() - start}
 

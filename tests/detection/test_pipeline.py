@@ -23,6 +23,7 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     assert main(["train", "--split", "test", *common, "--pretrain-epochs", "1",
                  "--finetune-iters", "3", *scorer, "--json", str(tmp_path / "train.json")]) == 0
     model = work / "models" / "drawn-small" / f"{method}.pt"
+    assert json.loads((tmp_path / "train.json").read_text())["finetune"]["images"] == 3
     assert model.is_file() and (work / "models" / "drawn-small" / "trunk.pt").is_file()
     out = tmp_path / "eval"
     assert main(["eval", "--split", "test", *common, "--out", str(out),
@@ -38,6 +39,27 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     assert (detector.svm is not None) == (method == "rcnn")
     assert summary["scorer"] == ("svm" if method == "rcnn" else "softmax")
     assert "mAP" in capsys.readouterr().out
+
+
+def test_spp_scale_is_chosen_on_held_out_images_then_all_are_trained_on(tmp_path, voc_writer,
+                                                                       draw):
+    from PIL import Image
+
+    images, pixels = {}, {}
+    for i in range(8):
+        pixels[f"img{i}"], boxes = draw(i)
+        images[f"img{i}"] = (200, 150, [("box", b, 0, 0) for b in boxes])
+    root = voc_writer(tmp_path / "eight", images, {"trainval": list(images)})
+    for image_id, image in pixels.items():
+        Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+    assert main(["train", "--voc-root", str(root), "--split", "trainval", "--method", "spp",
+                 "--workdir", str(tmp_path / "work"), "--jobs", "1", "--quiet", "--device",
+                 "cpu", "--pretrain-epochs", "1", "--finetune-iters", "2",
+                 "--no-box-regression", "--json", str(tmp_path / "train.json")]) == 0
+    trained = json.loads((tmp_path / "train.json").read_text())
+    chosen = "+".join(map(str, trained["scales"]))
+    assert chosen in trained["validation_mAP_by_scale"]          # chosen among the tried ones
+    assert trained["finetune"]["images"] == trained["images"] == 8
 
 
 def test_eval_without_a_model_is_a_one_line_error(drawn_voc, tmp_path, capsys):
