@@ -74,7 +74,8 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
         log = {"weights": str(weights)}
     else:
         _log("trunk: pre-training on crops of the training split (multi-size, SPP head)")
-        log = pretrain_trunk(net, images, len(dataset.classes), settings, device, quiet)
+        log = pretrain_trunk(net, images, len(dataset.classes), settings, device, quiet,
+                             progress=folder / "trunk.progress.pt")
     save_checkpoint(net, path, {"classes": list(dataset.classes), "log": log})
     return net, log
 
@@ -111,8 +112,9 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     conv_cache = (Path(workdir) / "conv5"
                   / f"{dataset.name}-{trunk_digest(net)}-{'-'.join(map(str, train_scales))}")
     pretrained_head = {k: v.clone() for k, v in net.spp_fc.state_dict().items()}
+    progress = folder / f"{method}.finetune.progress.pt"     # a stopped run goes on from here
     fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), settings, device,
-                                 train_scales, preset.max_side, conv_cache, quiet)
+                                 train_scales, preset.max_side, conv_cache, quiet, progress)
     scale_log = None
     if choose_scale and val_images:
         scales, scale_log = choose_test_scale(net, fc8, dataset, preset, val_images,
@@ -125,7 +127,8 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         _log(f"spp: fine-tuning again on all {len(images)} images")
         net.spp_fc.load_state_dict(pretrained_head)
         fc8, finetune_log = finetune(net, method, images, len(dataset.classes), settings,
-                                     device, train_scales, preset.max_side, conv_cache, quiet)
+                                     device, train_scales, preset.max_side, conv_cache, quiet,
+                                     progress)
     scales = tuple(scales or preset.scales())
     scorer = scorer or preset.scorer
     detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8, scorer=scorer)

@@ -18,6 +18,7 @@ stopped `train` resumes at the first unfinished stage.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 import time
@@ -83,6 +84,52 @@ def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: 
         group["lr"] = lr
 
 
+def run_key(*parts: object) -> str:
+    """A short hash of what a training stage depends on (settings, classes, images): a progress
+    file of another run is never resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_progress(path: Path | None, key: str, step: int, modules: dict[str, nn.Module],
+                  optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+                  losses: list[float]) -> None:
+    """Write where a stage stands (weights, optimizer, both random generators, step) to `path`,
+    atomically, so that a stopped run resumes there with the same numbers."""
+    if path is None:
+        return
+    state = {"key": key, "step": step,
+             "modules": {name: m.state_dict() for name, m in modules.items()},
+             "optimizer": optimizer.state_dict(),
+             "numpy_rng": json.dumps(rng.bit_generator.state),
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "losses": torch.tensor(losses)}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_progress(path: Path | None, key: str, modules: dict[str, nn.Module],
+                  optimizer: torch.optim.Optimizer, rng: np.random.Generator
+                  ) -> tuple[int, list[float]]:
+    """Restore a stage saved by `save_progress` under the same `key`; returns the step to go on
+    from and the losses so far (0 and [] when there is nothing to resume)."""
+    if path is None or not path.is_file():
+        return 0, []
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # damaged (a file is only ever replaced whole, but disks fail): start again
+        return 0, []
+    if not isinstance(state, dict) or state.get("key") != key:
+        return 0, []
+    for name, module in modules.items():
+        module.load_state_dict(state["modules"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = json.loads(state["numpy_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"]), state["losses"].tolist()
+
+
 def spp_full_window(net: DetectorNet, conv5: Tensor) -> Tensor:
     """Pyramid pooling of whole conv5 maps `[B, C, h, w]` (the window is the full map): the same
     bins and flattening order as `spp_pool`, batched with `adaptive_max_pool2d`."""
@@ -137,10 +184,12 @@ def pretrain_crops(net: DetectorNet, images: Sequence[TrainImage], settings: Tra
 
 
 def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: int,
-                   settings: TrainSettings, device: torch.device, quiet: bool = False
-                   ) -> dict:
+                   settings: TrainSettings, device: torch.device, quiet: bool = False,
+                   progress: Path | None = None) -> dict:
     """Stage 1: multi-size crop classification through an SPP head (and the R-CNN head on
-    crops of the warp size). Trains the trunk, `spp_fc`, `rcnn_fc`; returns a log dict."""
+    crops of the warp size). Trains the trunk, `spp_fc`, `rcnn_fc`; returns a log dict. With
+    `progress`, a checkpoint is written there after every epoch and a stopped run goes on from
+    the last one (the file is removed when the stage ends)."""
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
     crops, labels = pretrain_crops(net, images, settings, rng, quiet)
@@ -153,10 +202,14 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
                                   weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, len(crops) // settings.pretrain_batch)
     total = steps_per_epoch * settings.pretrain_epochs
+    modules = {"trunk": net.trunk, "spp_fc": net.spp_fc, "rcnn_fc": net.rcnn_fc, "heads": heads}
+    key = run_key("pretrain", settings, num_classes, [im.image_id for im in images], len(crops))
+    step, losses = load_progress(progress, key, modules, optimizer, rng)
     net.train()
-    start, step, losses = time.perf_counter(), 0, []
+    start = time.perf_counter()
     bar = _progress(range(total), "pretrain", total=total, quiet=quiet)
-    for epoch in range(settings.pretrain_epochs):
+    bar.update(step)
+    for epoch in range(step // steps_per_epoch, settings.pretrain_epochs):
         order = torch.as_tensor(rng.permutation(len(crops)))
         for k in range(steps_per_epoch):
             idx = order[k * settings.pretrain_batch:(k + 1) * settings.pretrain_batch]
@@ -182,8 +235,11 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {np.mean(losses[-20:]):.3f}")
+        save_progress(progress, key, step, modules, optimizer, rng, losses)
     bar.close()
     net.eval()
+    if progress is not None:
+        progress.unlink(missing_ok=True)
     return {"crops": len(crops), "steps": total, "final_loss": float(np.mean(losses[-50:])),
             "seconds": time.perf_counter() - start}
 
@@ -227,26 +283,32 @@ def cached_conv5(net: DetectorNet, images: Sequence[TrainImage], scales: tuple[i
 
 def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_classes: int,
              settings: TrainSettings, device: torch.device, scales: tuple[int, ...] = (688,),
-             max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False
-             ) -> tuple[nn.Linear, dict]:
+             max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False,
+             progress: Path | None = None, save_every: int = 100) -> tuple[nn.Linear, dict]:
     """Stage 2: fine-tune `method`'s head (R-CNN: all layers) with a new (K+1)-way fc8; SPP-net
     pools each image's windows at one of `scales`, drawn at random per image and step.
-    Returns fc8 (the softmax scorer) and a log dict."""
+    Returns fc8 (the softmax scorer) and a log dict. With `progress`, a checkpoint is written
+    there every `save_every` iterations and a stopped run goes on from the last one."""
     rng = np.random.default_rng(settings.seed + 1)
     torch.manual_seed(settings.seed + 1)
     fc8 = nn.Linear(net.feature_dim, num_classes + 1).to(device)
     if method == "spp":
         maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet)
-        params = list(net.spp_fc.parameters()) + list(fc8.parameters())
+        modules = {"spp_fc": net.spp_fc, "fc8": fc8}
     else:
-        params = (list(net.trunk.parameters()) + list(net.rcnn_fc.parameters())
-                  + list(fc8.parameters()))
+        modules = {"trunk": net.trunk, "rcnn_fc": net.rcnn_fc, "fc8": fc8}
+    params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.finetune_lr,
                                   weight_decay=settings.weight_decay)
     iterations = settings.finetune_iters or (1500 if method == "spp" else 400)
     per_image = settings.finetune_batch // settings.finetune_images
-    start, losses = time.perf_counter(), []
-    bar = _progress(range(iterations), f"finetune {method}", quiet=quiet)
+    key = run_key("finetune", method, settings, num_classes, scales,
+                  [im.image_id for im in images])
+    first, losses = load_progress(progress, key, modules, optimizer, rng)
+    start = time.perf_counter()
+    bar = _progress(range(first, iterations), f"finetune {method}", total=iterations,
+                    quiet=quiet)
+    bar.update(first)
     for step in bar:
         _cosine_lr(optimizer, settings.finetune_lr, step, iterations)
         chosen = rng.choice(len(images), settings.finetune_images,
@@ -286,7 +348,11 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix_str(f"loss {np.mean(losses[-20:]):.3f}")
+        if (step + 1) % save_every == 0 and step + 1 < iterations:
+            save_progress(progress, key, step + 1, modules, optimizer, rng, losses)
     net.eval()
+    if progress is not None:
+        progress.unlink(missing_ok=True)
     return fc8.eval(), {"iterations": iterations, "images": len(images),
                         "final_loss": float(np.mean(losses[-50:])),
                         "seconds": time.perf_counter() - start}

@@ -1,0 +1,113 @@
+"""Training stages stopped part-way go on from their last checkpoint and end with exactly the
+weights of a run that was never stopped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import detection.train as train
+from detection.backbones import build_net
+from detection.regions import label_regions
+from detection.train import TrainImage, TrainSettings, finetune, pretrain_trunk
+
+SETTINGS = TrainSettings(seed=3, pretrain_epochs=3, pretrain_jitters=2, pretrain_background=4,
+                         pretrain_batch=8, finetune_iters=6, finetune_batch=16,
+                         finetune_images=2)
+
+
+@pytest.fixture
+def images(draw):
+    """Four drawn images, each with its rectangles as ground truth and random proposals."""
+    out = []
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels, voc_boxes = draw(i)
+        gt = torch.tensor(voc_boxes, dtype=torch.float32) - torch.tensor([1, 1, 1, 1])
+        xy = rng.uniform(0, [150, 100], (30, 2))
+        wh = rng.uniform(15, 60, (30, 2))
+        proposals = np.concatenate([xy, xy + wh], axis=1)
+        regions = label_regions(proposals, gt, torch.ones(len(gt), dtype=torch.int64), 1)
+        out.append(TrainImage(f"img{i}", pixels, regions))
+    return out
+
+
+def _net():
+    return build_net("zf5_small", None, crop_size=64, seed=0)
+
+
+def _stop_after_first_save(monkeypatch):
+    """Make the first checkpoint written also stop the run, as a killed process would."""
+    real = train.save_progress
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        monkeypatch.setattr(train, "save_progress", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_progress", save_then_stop)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pretraining_resumes_from_its_last_epoch(images, tmp_path, monkeypatch):
+    device = torch.device("cpu")
+    whole = _net()
+    pretrain_trunk(whole, images, 1, SETTINGS, device, quiet=True)
+
+    progress = tmp_path / "trunk.progress.pt"
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_trunk(_net(), images, 1, SETTINGS, device, quiet=True, progress=progress)
+    assert progress.is_file()
+    resumed = _net()
+    log = pretrain_trunk(resumed, images, 1, SETTINGS, device, quiet=True, progress=progress)
+    assert _same_weights(resumed, whole)
+    assert not progress.exists() and log["steps"] > 0
+
+
+def test_a_progress_file_of_other_settings_is_not_resumed(images, tmp_path, monkeypatch):
+    device = torch.device("cpu")
+    progress = tmp_path / "trunk.progress.pt"
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_trunk(_net(), images, 1, SETTINGS, device, quiet=True, progress=progress)
+    other = TrainSettings(**{**SETTINGS.__dict__, "pretrain_lr": 1e-3})
+    fresh, resumed = _net(), _net()
+    pretrain_trunk(fresh, images, 1, other, device, quiet=True)
+    pretrain_trunk(resumed, images, 1, other, device, quiet=True, progress=progress)
+    assert _same_weights(resumed, fresh)
+
+
+@pytest.mark.parametrize("method", ["spp", "rcnn"])
+def test_finetuning_resumes_from_its_last_checkpoint(images, tmp_path, monkeypatch, method):
+    device = torch.device("cpu")
+    args = (method, images, 1, SETTINGS, device, (96, 128), 400)
+    whole = _net()
+    fc8_whole, _ = finetune(whole, *args, conv_cache=tmp_path / "c1", quiet=True)
+
+    progress = tmp_path / "ft.progress.pt"
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_net(), *args, conv_cache=tmp_path / "c2", quiet=True, progress=progress,
+                 save_every=2)
+    assert progress.is_file()
+    resumed = _net()
+    fc8_resumed, log = finetune(resumed, *args, conv_cache=tmp_path / "c2", quiet=True,
+                                progress=progress, save_every=2)
+    assert _same_weights(fc8_resumed, fc8_whole) and _same_weights(resumed, whole)
+    assert not progress.exists() and log["iterations"] == SETTINGS.finetune_iters
+
+
+def test_a_damaged_progress_file_starts_the_stage_again(images, tmp_path):
+    device = torch.device("cpu")
+    progress = tmp_path / "trunk.progress.pt"
+    progress.write_bytes(b"not a checkpoint")
+    fresh, started = _net(), _net()
+    pretrain_trunk(fresh, images, 1, SETTINGS, device, quiet=True)
+    pretrain_trunk(started, images, 1, SETTINGS, device, quiet=True, progress=progress)
+    assert _same_weights(started, fresh) and not progress.exists()
