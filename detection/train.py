@@ -235,7 +235,8 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {np.mean(losses[-20:]):.3f}")
-        save_progress(progress, key, step, modules, optimizer, rng, losses)
+        if epoch + 1 < settings.pretrain_epochs:
+            save_progress(progress, key, step, modules, optimizer, rng, losses)
     bar.close()
     net.eval()
     if progress is not None:
@@ -302,7 +303,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
                                   weight_decay=settings.weight_decay)
     iterations = settings.finetune_iters or (1500 if method == "spp" else 400)
     per_image = settings.finetune_batch // settings.finetune_images
-    key = run_key("finetune", method, settings, num_classes, scales,
+    key = run_key("finetune", method, settings, num_classes, scales, trunk_digest(net),
                   [im.image_id for im in images])
     first, losses = load_progress(progress, key, modules, optimizer, rng)
     start = time.perf_counter()
