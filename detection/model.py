@@ -18,6 +18,7 @@ from detection.backbones import DetectorNet, load_checkpoint, prefer_channels_la
 from detection.features import ExtractSettings, extract, extract_batch
 from detection.postprocess import clip_boxes, detections_from_scores
 from detection.presets import Preset
+from detection.scales import box_target_side
 from detection.timing import StageTimer
 
 MODEL_FORMAT = "sppnet-detector-1"
@@ -27,7 +28,7 @@ def box_target(preset: Preset) -> float:
     """Multi-scale SPP-net pools each box at the scale where it is closest to the trunk's
     training input: 224 px for the paper's ZF-5 (crop 227), the same fraction of the crop for
     other presets (the small trunk is pre-trained on crops of up to 99 px)."""
-    return 224.0 * preset.crop_size / 227.0
+    return box_target_side(preset.crop_size)
 
 
 @dataclass

@@ -15,6 +15,12 @@ DEFAULT_MAX_SIDE = 2000
 TARGET_BOX_SIDE = 224.0
 
 
+def box_target_side(crop_size: int) -> float:
+    """Side (px) at which multi-scale SPP-net pools a box: 224 for a trunk trained on 227-pixel
+    inputs (the paper's ZF-5), the same fraction of the input for other trunks."""
+    return TARGET_BOX_SIDE * crop_size / 227.0
+
+
 def scale_factor(height: int, width: int, shorter: int, max_side: int = DEFAULT_MAX_SIDE) -> float:
     """Factor that takes the shorter side to `shorter`, reduced if the longer side would pass
     `max_side`."""

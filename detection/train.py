@@ -6,8 +6,9 @@
    the R-CNN head (pool5 -> fc6 -> fc7) is trained on the same crops, so that both methods start
    from one trunk and from fc layers pre-trained on the same data (fair: neither gets more).
 2. `finetune`: R-CNN fine-tunes all layers on warped windows; SPP-net fine-tunes fc6, fc7 and
-   fc8 on windows pooled from conv5 maps cached on disk (fp16), conv frozen. Minibatches of 128
-   windows, 25% foreground (IoU >= 0.5), background IoU in [0.1, 0.5).
+   fc8 on windows pooled from conv5 maps cached on disk (fp16), conv frozen, each window at
+   the scale where the test pools it. Minibatches of 128 windows, 25% foreground
+   (IoU >= 0.5), background IoU in [0.1, 0.5).
 3. `train_svms`: per-class linear SVMs with hard negative mining on fc7 (svm/), streamed per image.
 4. `train_box_regressors`: ridge regression on the pooled conv features.
 
@@ -38,7 +39,7 @@ from detection.backbones import DetectorNet
 from detection.boxes import apply_deltas, pixel_iou
 from detection.features import ConvMaps, ExtractSettings, conv_maps, extract, pool_windows
 from detection.rcnn_warp import warp_regions
-from detection.scales import scale_factor
+from detection.scales import box_target_side, scale_factor
 from detection.regions import LabelledRegions, label_regions, sample_rows
 
 
@@ -287,7 +288,8 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
              max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False,
              progress: Path | None = None, save_every: int = 100) -> tuple[nn.Linear, dict]:
     """Stage 2: fine-tune `method`'s head (R-CNN: all layers) with a new (K+1)-way fc8; SPP-net
-    pools each image's windows at one of `scales`, drawn at random per image and step.
+    pools each window from the conv5 map of the scale that the test would pool it at (the
+    paper's rule: the box closest to the target side), the target jittered per image and step.
     Returns fc8 (the softmax scorer) and a log dict. With `progress`, a checkpoint is written
     there every `save_every` iterations and a stopped run goes on from the last one."""
     rng = np.random.default_rng(settings.seed + 1)
@@ -334,12 +336,14 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
                 for i in chosen:
                     item = images[i]
                     rows = sample_rows(item.regions, per_image, settings.fg_fraction, rng)
-                    # one random training scale per image (multi-scale fine-tuning)
-                    k = int(rng.integers(len(scales)))
+                    # each window at the scale where the test pools it (closest to the box
+                    # target), the target jittered by up to sqrt(2) either way
                     h, w = item.pixels.shape[:2]
-                    conv = ConvMaps([scale_factor(h, w, scales[k], max_side)],
-                                    [maps[i][k].to(device).float()])
-                    pooled.append(pool_windows(net, conv, item.regions.boxes[rows]))
+                    conv = ConvMaps([scale_factor(h, w, s, max_side) for s in scales],
+                                    [m.to(device).float() for m in maps[i]])
+                    target = box_target_side(net.crop_size) * 2 ** rng.uniform(-0.5, 0.5)
+                    pooled.append(pool_windows(net, conv, item.regions.boxes[rows],
+                                               box_target=target))
                     targets.append(item.regions.label[rows])
             logits = fc8(net.spp_fc(torch.cat(pooled)))
         loss = F.cross_entropy(logits, torch.cat(targets).to(device))

@@ -111,3 +111,28 @@ def test_a_damaged_progress_file_starts_the_stage_again(images, tmp_path):
     pretrain_trunk(fresh, images, 1, SETTINGS, device, quiet=True)
     pretrain_trunk(started, images, 1, SETTINGS, device, quiet=True, progress=progress)
     assert _same_weights(started, fresh) and not progress.exists()
+
+
+def test_spp_finetuning_pools_each_window_at_the_scale_the_test_assigns(images, tmp_path,
+                                                                       monkeypatch):
+    """The paper's multi-scale rule holds in training as at test: every image's maps of all
+    scales are offered, and the box target is the test's, jittered by at most sqrt(2)."""
+    from detection.scales import box_target_side
+
+    calls = []
+    real = train.pool_windows
+
+    def recording(net, conv, boxes, *args, box_target=224.0, **kwargs):
+        calls.append((len(conv.maps), box_target))
+        return real(net, conv, boxes, *args, box_target=box_target, **kwargs)
+
+    monkeypatch.setattr(train, "pool_windows", recording)
+    net = _net()
+    scales = (64, 96, 128)
+    finetune(net, "spp", images, 1, SETTINGS, torch.device("cpu"), scales, 400,
+             conv_cache=tmp_path / "c", quiet=True)
+    target = box_target_side(net.crop_size)
+    assert len(calls) == SETTINGS.finetune_iters * SETTINGS.finetune_images
+    assert all(n == len(scales) for n, _ in calls)
+    jitters = [t / target for _, t in calls]
+    assert all(2 ** -0.5 <= j <= 2 ** 0.5 for j in jitters) and len(set(jitters)) > 1
