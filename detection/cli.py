@@ -92,6 +92,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, finetune_iters=args.finetune_iters)
     if args.pretrain_epochs is not None:
         settings = replace(settings, pretrain_epochs=args.pretrain_epochs)
+    if args.freeze_conv:
+        if args.method != "rcnn":
+            raise SppnetError("--freeze-conv is an R-CNN ablation: SPP-net's conv layers are "
+                              "always frozen")
+        settings = replace(settings, rcnn_freeze_conv=True)
     torch.manual_seed(args.seed)
     scales = _parse_scales(args.scales, preset)
     path, summary = train_detector(dataset, args.method, preset, args.workdir, settings, device,
@@ -340,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fine-tuning iterations")
             p.add_argument("--pretrain-epochs", type=int, metavar="N",
                            help="trunk pre-training epochs")
+            p.add_argument("--freeze-conv", action="store_true",
+                           help="R-CNN ablation: fine-tune fc6, fc7, fc8 only, conv frozen as "
+                                "SPP-net's")
         else:
             p.add_argument("--out", required=True, metavar="DIR",
                            help="folder for result files, pr_curves.png, report.md")

@@ -103,7 +103,10 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         raise SppnetError(f"{dataset.root}: no readable training image in split {dataset.split}")
     net, trunk_log = _trunk(dataset, images, preset, folder, settings, device, weights, quiet)
     torch.manual_seed(settings.seed)
-    what = "fc6, fc7, fc8 on cached conv5" if method == "spp" else "all layers on warped windows"
+    frozen = method == "rcnn" and settings.rcnn_freeze_conv
+    what = ("fc6, fc7, fc8 on cached conv5" if method == "spp" else
+            "fc6, fc7, fc8 on warped windows, conv frozen" if frozen else
+            "all layers on warped windows")
     choose_scale = method == "spp" and scales is None
     train_scales = candidate_scales(preset) if choose_scale else (scales or preset.scales())
     tune_images, val_images = split_validation(images) if choose_scale else (images, [])
@@ -168,7 +171,10 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
                "scorer": scorer, "svm_and_box_seconds": time.perf_counter() - svm_start,
                "train_settings": asdict(settings), "seconds": time.perf_counter() - start}
     detector.info = summary
-    path = detector.save(model_path(workdir, dataset.name, preset, method))
+    path = model_path(workdir, dataset.name, preset, method)
+    if frozen:      # the ablation never replaces the R-CNN model of the same workdir
+        path = path.with_name("rcnn-frozen-conv.pt")
+    path = detector.save(path)
     return path, summary
 
 

@@ -67,3 +67,16 @@ def test_eval_without_a_model_is_a_one_line_error(drawn_voc, tmp_path, capsys):
                    "--workdir", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert status == 2 and "no trained spp model" in err and len(err.splitlines()) == 1
+
+
+def test_freeze_conv_is_an_rcnn_ablation_saved_beside_the_rcnn_model(drawn_voc, tmp_path, capsys):
+    common = ["train", "--voc-root", str(drawn_voc), "--split", "test", "--workdir",
+              str(tmp_path / "work"), "--jobs", "1", "--quiet", "--device", "cpu",
+              "--freeze-conv"]
+    assert main([*common, "--method", "spp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--freeze-conv" in err and len(err.splitlines()) == 1
+    assert main([*common, "--method", "rcnn", "--pretrain-epochs", "1", "--finetune-iters", "2",
+                 "--no-box-regression"]) == 0
+    folder = tmp_path / "work" / "models" / "drawn-small"
+    assert (folder / "rcnn-frozen-conv.pt").is_file() and not (folder / "rcnn.pt").exists()

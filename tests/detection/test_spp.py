@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from detection.spp import SpatialPyramidPool, project_boxes, spp_output_size, spp_pool
+from detection.spp import (FEW_WINDOWS, SpatialPyramidPool, project_boxes, spp_output_size,
+                          spp_pool)
 
 
 def reference_spp(fmap, windows, levels):
@@ -26,15 +27,16 @@ def random_windows(generator, height, width, count):
 
 @pytest.mark.parametrize("levels", [(1, 2, 3, 6), (6, 3, 2, 1), (1, 2, 4), (7, 3, 2, 1), (5,)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_adaptive_max_pool_on_random_maps_and_windows(levels, seed):
+@pytest.mark.parametrize("count", [200, FEW_WINDOWS])      # the table, and roi_pool for a few
+def test_matches_adaptive_max_pool_on_random_maps_and_windows(levels, seed, count):
     g = torch.Generator().manual_seed(seed)
     height, width = (23, 31) if seed == 0 else (9, 40)
     fmap = torch.randn(8, height, width, generator=g)
-    windows = random_windows(g, height, width, 200)
+    windows = random_windows(g, height, width, count)
     windows[:5] = torch.tensor([[0, 0, 0, 0], [width - 1, height - 1, width - 1, height - 1],
                                 [3, 4, 3, 4], [0, 0, width - 1, height - 1], [2, 1, 2, 7]])
     ours = spp_pool(fmap, windows, levels)
-    assert ours.shape == (200, spp_output_size(8, levels))
+    assert ours.shape == (count, spp_output_size(8, levels))
     assert torch.equal(ours, reference_spp(fmap, windows, levels))
 
 
@@ -43,6 +45,19 @@ def test_one_cell_windows_repeat_the_cell():
     out = spp_pool(fmap, torch.tensor([[3, 2, 3, 2]]), (1, 2))
     assert out.tolist() == [[fmap[0, 2, 3].item(), fmap[1, 2, 3].item()]
                             + [fmap[0, 2, 3].item()] * 4 + [fmap[1, 2, 3].item()] * 4]
+
+
+def test_windows_in_part_of_a_map_never_read_outside_it():
+    """A few windows in one region (a fine-tuning sample at a large scale): the table is built
+    over their bounding region only, and cells outside it (here larger than any inside) must not
+    leak into the bins."""
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.full((4, 30, 40), 100.0)
+    fmap[:, 5:17, 8:25] = torch.randn(4, 12, 17, generator=g)
+    windows = random_windows(g, 12, 17, 3 * FEW_WINDOWS) + torch.tensor([8, 5, 8, 5])
+    ours = spp_pool(fmap, windows, (1, 2, 3, 6))
+    assert ours.max() < 100
+    assert torch.equal(ours, reference_spp(fmap, windows, (1, 2, 3, 6)))
 
 
 def test_module_and_empty_input():
