@@ -35,11 +35,12 @@ from tqdm import tqdm
 
 from data.atomic import atomic_write
 from data.images import load_image
-from detection.backbones import DetectorNet
+from detection.backbones import DetectorNet, output_side
 from detection.boxes import apply_deltas, pixel_iou
 from detection.features import ConvMaps, ExtractSettings, conv_maps, extract, pool_windows
 from detection.rcnn_warp import warp_regions
 from detection.scales import box_target_side, scale_factor
+from detection.spp import project_boxes
 from detection.regions import LabelledRegions, label_regions, sample_rows
 
 
@@ -217,9 +218,6 @@ def context_margin(box_side: int, context: float) -> int:
 def box_window(net: DetectorNet, side: int, margin: float) -> list[int]:
     """The conv5 cell window `[x1, y1, x2, y2]` of the box in the middle of a square crop of
     `side` pixels with `margin` pixels around it, projected as the test projects boxes."""
-    from detection.backbones import output_side
-    from detection.spp import project_boxes
-
     cells = output_side(net.trunk, side)
     box = torch.tensor([[margin, margin, side - margin - 1, side - margin - 1]])
     return project_boxes(box, net.stride, net.first_centre, cells, cells)[0].tolist()
