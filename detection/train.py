@@ -56,6 +56,7 @@ class TrainSettings:
     pretrain_context: float = 1 / 3    # SPP head's crops: real context per side, x box side
     pretrain_lr: float = 2e-3
     finetune_iters: int | None = None  # None: 1500 for SPP-net (fc only, cheap), 400 for R-CNN
+    scale_choice_fraction: float = 1 / 3  # SPP-net's fit that ranks test scales: this x iters
     finetune_batch: int = 128
     finetune_images: int = 4           # images per minibatch
     fg_fraction: float = 0.25
@@ -336,6 +337,12 @@ def cached_conv5(net: DetectorNet, images: Sequence[TrainImage], scales: tuple[i
     return out
 
 
+def finetune_iterations(settings: TrainSettings, method: str) -> int:
+    """Fine-tuning iterations of `method`: the setting, or 1500 for SPP-net (fc layers on cached
+    conv5, cheap per step) and 400 for R-CNN (all layers on warped windows)."""
+    return settings.finetune_iters or (1500 if method == "spp" else 400)
+
+
 def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_classes: int,
              settings: TrainSettings, device: torch.device, scales: tuple[int, ...] = (688,),
              max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False,
@@ -358,7 +365,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
         modules = {"trunk": net.trunk, "rcnn_fc": net.rcnn_fc, "fc8": fc8}
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = _adamw(params, lr=settings.finetune_lr, weight_decay=settings.weight_decay)
-    iterations = settings.finetune_iters or (1500 if method == "spp" else 400)
+    iterations = finetune_iterations(settings, method)
     per_image = settings.finetune_batch // settings.finetune_images
     key = run_key("finetune", method, settings, num_classes, scales, trunk_digest(net),
                   [im.image_id for im in images])
