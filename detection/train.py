@@ -37,10 +37,10 @@ from data.atomic import atomic_write
 from data.images import load_image
 from detection.backbones import DetectorNet, output_side
 from detection.boxes import apply_deltas, pixel_iou
-from detection.features import ConvMaps, ExtractSettings, conv_maps, extract, pool_windows
+from detection.features import ConvMaps, ExtractSettings, box_windows, conv_maps, extract
 from detection.rcnn_warp import warp_regions
 from detection.scales import box_target_side, scale_factor
-from detection.spp import project_boxes
+from detection.spp import project_boxes, spp_pool_maps
 from detection.regions import LabelledRegions, label_regions, sample_rows
 
 
@@ -56,7 +56,7 @@ class TrainSettings:
     pretrain_context: float = 1 / 3    # SPP head's crops: real context per side, x box side
     pretrain_lr: float = 2e-3
     finetune_iters: int | None = None  # None: 1500 for SPP-net (fc only, cheap), 400 for R-CNN
-    scale_choice_fraction: float = 1 / 3  # SPP-net's fit that ranks test scales: this x iters
+    scale_choice_fraction: float = 0.2  # SPP-net's fit that ranks test scales: this x iters
     finetune_batch: int = 128
     finetune_images: int = 4           # images per minibatch
     fg_fraction: float = 0.25
@@ -398,6 +398,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
             logits = fc8(net.rcnn_fc(pool5))
         else:
             net.spp_fc.train()
+            windows, fmaps = [], []
             with torch.no_grad():
                 for i in chosen:
                     item = images[i]
@@ -406,12 +407,15 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
                     # target), the target jittered by up to sqrt(2) either way
                     h, w = item.pixels.shape[:2]
                     conv = ConvMaps([scale_factor(h, w, s, max_side) for s in scales],
-                                    [m.to(device).float() for m in maps[i]])
+                                    [m.to(device) for m in maps[i]])
                     target = box_target_side(net.crop_size) * 2 ** rng.uniform(-0.5, 0.5)
-                    pooled.append(pool_windows(net, conv, item.regions.boxes[rows],
-                                               box_target=target))
+                    found = box_windows(net, conv, item.regions.boxes[rows], target)
+                    found[:, 0] += len(fmaps)        # the map's index among this step's maps
+                    windows.append(found)
+                    fmaps.extend(conv.maps)
                     targets.append(item.regions.label[rows])
-            logits = fc8(net.spp_fc(torch.cat(pooled)))
+                pooled = spp_pool_maps(fmaps, torch.cat(windows), net.spp_levels)
+            logits = fc8(net.spp_fc(pooled))
         loss = F.cross_entropy(logits, torch.cat(targets).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

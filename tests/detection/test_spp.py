@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detection.spp import (FEW_WINDOWS, SpatialPyramidPool, project_boxes, spp_output_size,
-                          spp_pool)
+                          spp_pool, spp_pool_maps)
 
 
 def reference_spp(fmap, windows, levels):
@@ -38,6 +38,24 @@ def test_matches_adaptive_max_pool_on_random_maps_and_windows(levels, seed, coun
     ours = spp_pool(fmap, windows, levels)
     assert ours.shape == (count, spp_output_size(8, levels))
     assert torch.equal(ours, reference_spp(fmap, windows, levels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_windows_of_several_maps_pool_as_each_map_alone(dtype):
+    """One batched call over maps of different sizes (zero-padded; negative values show any
+    read of the padding) gives each window exactly its own map's bins, in the given order."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [(7, 9), (12, 5), (3, 14), (10, 10)]
+    fmaps = [(torch.randn(6, h, w, generator=g) - 5).to(dtype) for h, w in sizes]
+    windows = torch.cat([torch.cat([torch.full((8, 1), k), random_windows(g, h, w, 8)], dim=1)
+                         for k, (h, w) in enumerate(sizes)])
+    order = torch.randperm(len(windows), generator=g)
+    windows = windows[order]
+    ours = spp_pool_maps(fmaps, windows, (1, 2, 3, 6))
+    expected = torch.cat([spp_pool(fmaps[int(k)].float(), w[None], (1, 2, 3, 6))
+                          for k, w in zip(windows[:, 0], windows[:, 1:])])
+    assert ours.dtype == torch.float32 and torch.equal(ours, expected)
+    assert ours.max() < 0                           # never the zeros of the padding
 
 
 def test_one_cell_windows_repeat_the_cell():

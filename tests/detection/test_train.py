@@ -120,13 +120,13 @@ def test_spp_finetuning_pools_each_window_at_the_scale_the_test_assigns(images, 
     from detection.scales import box_target_side
 
     calls = []
-    real = train.pool_windows
+    real = train.box_windows
 
-    def recording(net, conv, boxes, *args, box_target=224.0, **kwargs):
+    def recording(net, conv, boxes, box_target=224.0):
         calls.append((len(conv.maps), box_target))
-        return real(net, conv, boxes, *args, box_target=box_target, **kwargs)
+        return real(net, conv, boxes, box_target)
 
-    monkeypatch.setattr(train, "pool_windows", recording)
+    monkeypatch.setattr(train, "box_windows", recording)
     net = _net()
     scales = (64, 96, 128)
     finetune(net, "spp", images, 1, SETTINGS, torch.device("cpu"), scales, 400,
