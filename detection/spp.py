@@ -206,10 +206,17 @@ def _roi_pool_levels(fmap: Tensor, windows: Tensor, levels: tuple[int, ...]) -> 
     (`floor(i*L/n)` to `ceil((i+1)*L/n)`). On a GPU this is far faster than the sparse table's
     many small kernels; on a CPU it is slower (0.72 s against 0.19 s for 2000 windows of a
     256 x 43 x 58 map), so the CPU keeps the table."""
+    rois = torch.cat([windows.new_zeros((len(windows), 1)), windows], dim=1)
+    return _roi_pool_batch(fmap[None], rois, levels)
+
+
+def _roi_pool_batch(batch: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """`roi_pool` of rows `(map index, x1, y1, x2, y2)` of a batch of maps, one call per level:
+    `[N, C * sum(n*n)]`."""
     from torchvision.ops import roi_pool
 
-    rois = torch.cat([windows.new_zeros((len(windows), 1)), windows], dim=1).to(fmap.dtype)
-    return torch.cat([roi_pool(fmap[None], rois, n, 1.0).flatten(1) for n in levels], dim=1)
+    rois = rois.to(device=batch.device, dtype=batch.dtype)
+    return torch.cat([roi_pool(batch, rois, n, 1.0).flatten(1) for n in levels], dim=1)
 
 
 def spp_pool_maps(fmaps: Sequence[Tensor], windows: Tensor,
@@ -220,8 +227,6 @@ def spp_pool_maps(fmaps: Sequence[Tensor], windows: Tensor,
     the padding, so the bins are those of `spp_pool` on each map); fp16 maps are pooled in fp32.
     One call instead of one per map and level: a fine-tuning step of SPP-net pools 128 windows
     from about 20 maps (4 images x 5 scales)."""
-    from torchvision.ops import roi_pool
-
     levels = tuple(int(n) for n in levels)
     channels = fmaps[0].shape[0]
     if len(windows) == 0:
@@ -232,8 +237,7 @@ def spp_pool_maps(fmaps: Sequence[Tensor], windows: Tensor,
     batch = fmaps[0].new_zeros((len(fmaps), channels, height, width), dtype=dtype)
     for k, fmap in enumerate(fmaps):
         batch[k, :, :fmap.shape[1], :fmap.shape[2]] = fmap
-    rois = windows.to(device=batch.device, dtype=dtype)
-    return torch.cat([roi_pool(batch, rois, n, 1.0).flatten(1) for n in levels], dim=1)
+    return _roi_pool_batch(batch, windows, levels)
 
 
 class SpatialPyramidPool(nn.Module):

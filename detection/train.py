@@ -378,7 +378,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
         _cosine_lr(optimizer, settings.finetune_lr, step, iterations)
         chosen = rng.choice(len(images), settings.finetune_images,
                             replace=len(images) < settings.finetune_images)
-        pooled, targets = [], []
+        targets = []
         if method == "rcnn":
             net.train()
             if settings.rcnn_freeze_conv:       # BatchNorm statistics frozen with the weights
