@@ -36,8 +36,8 @@ from tqdm import tqdm
 from data.atomic import atomic_write
 from data.images import load_image
 from detection.backbones import DetectorNet, output_side
-from detection.boxes import apply_deltas, pixel_iou
 from detection.features import ConvMaps, ExtractSettings, box_windows, conv_maps, extract
+from detection.pretrain_crops import context_margin, pretrain_crops
 from detection.rcnn_warp import warp_regions
 from detection.scales import box_target_side, scale_factor
 from detection.spp import project_boxes, spp_pool_maps
@@ -54,6 +54,7 @@ class TrainSettings:
     pretrain_background: int = 12      # background crops per image
     pretrain_batch: int = 64
     pretrain_context: float = 1 / 3    # SPP head's crops: real context per side, x box side
+    pretrain_crop_memory: float = 2.0  # GiB: crops held in memory up to this, else cut per step
     pretrain_lr: float = 2e-3
     finetune_iters: int | None = None  # None: 1500 for SPP-net (fc only, cheap), 400 for R-CNN
     scale_choice_fraction: float = 0.2  # SPP-net's fit that ranks test scales: this x iters
@@ -155,67 +156,6 @@ def spp_full_window(net: DetectorNet, conv5: Tensor) -> Tensor:
 # 1. pre-training
 
 
-def _jitter(boxes: Tensor, count: int, rng: np.random.Generator,
-            min_iou: float = 0.6) -> tuple[Tensor, Tensor]:
-    """Up to `count` random shifts and rescalings of each box `[G, 4]` with IoU >= `min_iou` to
-    it; returns the boxes and the index of the box each came from."""
-    if len(boxes) == 0 or count == 0:
-        return boxes.new_zeros((0, 4)), torch.zeros(0, dtype=torch.int64)
-    owner = torch.arange(len(boxes)).repeat_interleave(count * 3)      # sorted: 3x the tries
-    deltas = torch.as_tensor(rng.normal(0, [0.12, 0.12, 0.18, 0.18], (len(owner), 4)),
-                             dtype=torch.float32)
-    moved = apply_deltas(boxes[owner], deltas)
-    ok = pixel_iou(moved, boxes)[torch.arange(len(moved)), owner] >= min_iou
-    moved, owner = moved[ok], owner[ok]
-    rank = torch.arange(len(owner)) - torch.searchsorted(owner, owner)
-    return moved[rank < count], owner[rank < count]
-
-
-def pretrain_crops(net: DetectorNet, images: Sequence[TrainImage], settings: TrainSettings,
-                   rng: np.random.Generator, quiet: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Crops of objects (ground truth and jittered copies) and background proposals (IoU < 0.3),
-    fp16 and preprocessed, two of each region: `[M, 3, S, S]` warped as R-CNN warps it (S = the
-    R-CNN warp size), and `[M, 3, T, T]` with real image context around it (the box fills the
-    middle `context_box_side(S)` pixels, `settings.pretrain_context` of its side on each side
-    around it); and labels `[M]`."""
-    crops, context_crops, labels = [], [], []
-    box_side = context_box_side(net.crop_size)
-    margin = context_margin(box_side, settings.pretrain_context)
-    for item in _progress(images, "pretrain crops", quiet=quiet):
-        r = item.regions
-        gt = r.gt_class > 0
-        gt_boxes, gt_labels = r.boxes[gt], r.gt_class[gt]
-        jittered, owner = _jitter(gt_boxes, settings.pretrain_jitters, rng)
-        background = torch.nonzero((r.gt_class == 0) & (r.best_iou < 0.3)).flatten().numpy()
-        if len(background):
-            background = rng.choice(background, min(len(background),
-                                                    settings.pretrain_background), replace=False)
-        boxes = torch.cat([gt_boxes, jittered,
-                           r.boxes[torch.as_tensor(background, dtype=torch.long)]])
-        lab = torch.cat([gt_labels, gt_labels[owner], torch.zeros(len(background),
-                                                                   dtype=torch.int64)])
-        if len(boxes) == 0:
-            continue
-        with torch.inference_mode():
-            pre = net.preprocess(item.pixels).cpu()
-            crops.append(warp_regions(pre, boxes, net.crop_size).half())
-            context_crops.append(warp_regions(pre, boxes, box_side + 2 * margin, margin).half())
-        labels.append(lab)
-    return torch.cat(crops), torch.cat(context_crops), torch.cat(labels)
-
-
-def context_box_side(crop_size: int) -> int:
-    """Side of the box in the SPP head's context crops as stored: 0.8 of the R-CNN warp size
-    (the pre-training sizes of the box are 0.65 and 0.8 of it, so the crops are never enlarged
-    much)."""
-    return int(round(crop_size * 0.8))
-
-
-def context_margin(box_side: int, context: float) -> int:
-    """Pixels of real context on each side of a box of `box_side` pixels."""
-    return int(round(box_side * context))
-
-
 def box_window(net: DetectorNet, side: int, margin: float) -> list[int]:
     """The conv5 cell window `[x1, y1, x2, y2]` of the box in the middle of a square crop of
     `side` pixels with `margin` pixels around it, projected as the test projects boxes."""
@@ -236,7 +176,9 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
     the last one (the file is removed when the stage ends)."""
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
-    crops, context_crops, labels = pretrain_crops(net, images, settings, rng, quiet)
+    crops = pretrain_crops(net, images, settings, rng,
+                           lambda it: _progress(it, "pretrain crops", quiet=quiet))
+    labels = crops.labels
     size = net.crop_size
     sizes = [size, int(round(size * 0.65)), size, int(round(size * 0.8))]
     context_inputs = {}          # box side -> (input side, box window in its conv5 map)
@@ -264,10 +206,8 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
             flip = rng.random() < 0.5
             s = sizes[step % len(sizes)]
             window = None
-            if s == size:
-                x = crops[idx].float().to(device)
-            else:              # the box at side s with its context, pooled on its own window
-                x = context_crops[idx].float().to(device)
+            x = crops.batch(idx, context=s != size).to(device)
+            if s != size:      # the box at side s with its context, pooled on its own window
                 side, window = context_inputs[s]
                 if side != x.shape[-1]:
                     x = F.interpolate(x, size=(side, side), mode="bilinear",

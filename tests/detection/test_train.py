@@ -3,6 +3,8 @@ weights of a run that was never stopped."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -142,8 +144,6 @@ def test_spp_finetuning_pools_each_window_at_the_scale_the_test_assigns(images, 
 def test_rcnn_freeze_conv_trains_the_fc_layers_only(images, freeze):
     """The R-CNN ablation `rcnn_freeze_conv` leaves the trunk (weights and BatchNorm statistics)
     exactly as pre-trained and fine-tunes fc6/fc7; the default fine-tunes the trunk too."""
-    from dataclasses import replace
-
     net = _net()
     trunk_before = {k: v.clone() for k, v in net.trunk.state_dict().items()}
     fc_before = {k: v.clone() for k, v in net.rcnn_fc.state_dict().items()}
@@ -154,25 +154,11 @@ def test_rcnn_freeze_conv_trains_the_fc_layers_only(images, freeze):
     assert not all(torch.equal(fc_before[k], v) for k, v in net.rcnn_fc.state_dict().items())
 
 
-def test_pretraining_crops_for_the_spp_head_keep_real_context_around_the_box():
-    """Each region is cut twice: R-CNN's warp, and a crop with the box in the middle and real
-    image content (not padding) around it, as SPP-net's test sees a box inside the image."""
-    pixels = np.full((120, 160, 3), 40, dtype=np.uint8)           # dark background
-    pixels[40:80, 60:100] = 220                                   # a bright 40 x 40 object
-    gt = torch.tensor([[60.0, 40.0, 99.0, 79.0]])
-    regions = label_regions(np.zeros((0, 4)), gt, torch.ones(1, dtype=torch.int64), 1)
-    net = _net()
-    settings = TrainSettings(pretrain_jitters=0, pretrain_background=0)
-    crops, context, labels = train.pretrain_crops(net, [TrainImage("a", pixels, regions)],
-                                                  settings, np.random.default_rng(0))
-    assert labels.tolist() == [1] and crops.shape[-1] == net.crop_size
-    box = train.context_box_side(net.crop_size)
-    margin = train.context_margin(box, settings.pretrain_context)
-    assert context.shape[-1] == box + 2 * margin and margin > 0
-    c = context[0, 0].float()
-    inside, outside = c[margin + 2:-margin - 2, margin + 2:-margin - 2], c[:margin - 2, :]
-    assert inside.min() > outside.max()                  # the object fills the middle
-    assert outside.std() < 1e-3 and outside.abs().max() > 0.1   # background pixels, not zeros
-    window = train.box_window(net, context.shape[-1], margin)
-    cells = window[2] - window[0] + 1
-    assert window[0] == window[1] and 0 < cells < box // net.stride + 2
+def test_pretraining_on_crops_cut_per_step_ends_with_the_same_weights(images):
+    """With a memory budget too small for the crops (VOC with the `paper` preset), each
+    minibatch is cut from the images when drawn: the training itself is unchanged."""
+    held, streamed = _net(), _net()
+    pretrain_trunk(held, images, 1, SETTINGS, torch.device("cpu"), quiet=True)
+    pretrain_trunk(streamed, images, 1, replace(SETTINGS, pretrain_crop_memory=0.0),
+                   torch.device("cpu"), quiet=True)
+    assert _same_weights(held, streamed)

@@ -1,0 +1,142 @@
+"""The regions that pre-training classifies, and their crops.
+
+Every region (a ground-truth object, a jittered copy of one, or a background proposal) is cut
+twice: R-CNN's warp at the net's crop size, and a square crop with real image context around the
+box for the SPP head (`context_box_side` for the box, `context_margin` of real pixels on each
+side). On a small dataset all crops are cut once and held in memory as fp16; when they would not
+fit `TrainSettings.pretrain_crop_memory` (VOC2007 with the `paper` preset: ~150 000 regions,
+tens of GB) only the boxes are kept and each minibatch's crops are cut from the images when it
+is drawn. Both give the same pixels, so training does not depend on which one ran.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from detection.backbones import DetectorNet
+from detection.boxes import apply_deltas, pixel_iou
+from detection.rcnn_warp import warp_regions
+
+if TYPE_CHECKING:
+    from detection.train import TrainImage, TrainSettings
+
+GIB = 2 ** 30
+
+
+def context_box_side(crop_size: int) -> int:
+    """Side of the box in the SPP head's context crops as stored: 0.8 of the R-CNN warp size
+    (the pre-training sizes of the box are 0.65 and 0.8 of it, so the crops are never enlarged
+    much)."""
+    return int(round(crop_size * 0.8))
+
+
+def context_margin(box_side: int, context: float) -> int:
+    """Pixels of real context on each side of a box of `box_side` pixels."""
+    return int(round(box_side * context))
+
+
+def jitter_boxes(boxes: Tensor, count: int, rng: np.random.Generator,
+                 min_iou: float = 0.6) -> tuple[Tensor, Tensor]:
+    """Up to `count` random shifts and rescalings of each box `[G, 4]` with IoU >= `min_iou` to
+    it; returns the boxes and the index of the box each came from."""
+    if len(boxes) == 0 or count == 0:
+        return boxes.new_zeros((0, 4)), torch.zeros(0, dtype=torch.int64)
+    owner = torch.arange(len(boxes)).repeat_interleave(count * 3)      # sorted: 3x the tries
+    deltas = torch.as_tensor(rng.normal(0, [0.12, 0.12, 0.18, 0.18], (len(owner), 4)),
+                             dtype=torch.float32)
+    moved = apply_deltas(boxes[owner], deltas)
+    ok = pixel_iou(moved, boxes)[torch.arange(len(moved)), owner] >= min_iou
+    moved, owner = moved[ok], owner[ok]
+    rank = torch.arange(len(owner)) - torch.searchsorted(owner, owner)
+    return moved[rank < count], owner[rank < count]
+
+
+class PretrainCrops:
+    """The pre-training regions `[M]` (`labels`, `boxes`, `image_index`) and their two crops,
+    fp16-rounded and preprocessed: `batch(idx)` gives `[B, 3, S, S]` R-CNN warps (S: the warp
+    size) or `[B, 3, T, T]` context crops, from memory or cut from the images."""
+
+    def __init__(self, net: DetectorNet, images: Sequence[TrainImage], boxes: Tensor,
+                 labels: Tensor, image_index: Tensor, context: float, memory_gib: float,
+                 progress: Callable[[Iterable], Iterable] | None = None) -> None:
+        self.net, self.images = net, images
+        self.boxes, self.labels, self.image_index = boxes, labels, image_index
+        self.box_side = context_box_side(net.crop_size)
+        self.margin = context_margin(self.box_side, context)
+        self.context_side = self.box_side + 2 * self.margin
+        self.in_memory = self.nbytes() <= memory_gib * GIB
+        self._crops = self._context = None
+        if self.in_memory:
+            parts = []
+            for i in (progress or (lambda x: x))(range(len(images))):
+                rows = torch.nonzero(image_index == i).flatten()
+                if len(rows):
+                    parts.append(self._cut(i, rows))
+            self._crops = torch.cat([p[0] for p in parts]) if parts else \
+                torch.zeros((0, 3, net.crop_size, net.crop_size), dtype=torch.half)
+            self._context = torch.cat([p[1] for p in parts]) if parts else \
+                torch.zeros((0, 3, self.context_side, self.context_side), dtype=torch.half)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def nbytes(self) -> int:
+        """Bytes that both crops of every region take as fp16."""
+        return len(self) * 3 * (self.net.crop_size ** 2 + self.context_side ** 2) * 2
+
+    def _cut(self, image: int, rows: Tensor, kinds: Sequence[bool] = (False, True)
+             ) -> list[Tensor]:
+        """The crops of the regions `rows` of one image, fp16 on the CPU: for each of `kinds`,
+        the context crops (True) or the R-CNN warps (False)."""
+        with torch.inference_mode():
+            pre = self.net.preprocess(self.images[image].pixels)     # on the net's device
+            boxes = self.boxes[rows]
+            return [(warp_regions(pre, boxes, self.context_side, self.margin) if context
+                     else warp_regions(pre, boxes, self.net.crop_size)).half().cpu()
+                    for context in kinds]
+
+    def batch(self, idx: Tensor, context: bool = False) -> Tensor:
+        """The R-CNN warps (or with `context`, the context crops) of the regions `idx`, in that
+        order, as fp32 on the CPU."""
+        if self.in_memory:
+            return (self._context if context else self._crops)[idx].float()
+        side = self.context_side if context else self.net.crop_size
+        out = torch.empty((len(idx), 3, side, side))
+        owners = self.image_index[idx]
+        for image in owners.unique().tolist():
+            at = torch.nonzero(owners == image).flatten()
+            out[at] = self._cut(image, idx[at], (context,))[0].float()
+        return out
+
+
+def pretrain_crops(net: DetectorNet, images: Sequence[TrainImage], settings: TrainSettings,
+                   rng: np.random.Generator,
+                   progress: Callable[[Iterable], Iterable] | None = None) -> PretrainCrops:
+    """The regions of every image: its ground-truth objects, `settings.pretrain_jitters`
+    jittered copies of each (IoU >= 0.6) and `settings.pretrain_background` background
+    proposals (IoU < 0.3), ground truth first; with their crops (`PretrainCrops`)."""
+    boxes, labels, owners = [], [], []
+    for i, item in enumerate(images):
+        r = item.regions
+        gt = r.gt_class > 0
+        gt_boxes, gt_labels = r.boxes[gt], r.gt_class[gt]
+        jittered, owner = jitter_boxes(gt_boxes, settings.pretrain_jitters, rng)
+        background = torch.nonzero((r.gt_class == 0) & (r.best_iou < 0.3)).flatten().numpy()
+        if len(background):
+            background = rng.choice(background, min(len(background),
+                                                    settings.pretrain_background), replace=False)
+        found = torch.cat([gt_boxes, jittered,
+                           r.boxes[torch.as_tensor(background, dtype=torch.long)]])
+        boxes.append(found.float())
+        labels.append(torch.cat([gt_labels, gt_labels[owner],
+                                 torch.zeros(len(background), dtype=torch.int64)]))
+        owners.append(torch.full((len(found),), i, dtype=torch.int64))
+    cat = (lambda parts, empty: torch.cat(parts) if parts else empty)
+    return PretrainCrops(net, images, cat(boxes, torch.zeros((0, 4))),
+                         cat(labels, torch.zeros(0, dtype=torch.int64)),
+                         cat(owners, torch.zeros(0, dtype=torch.int64)),
+                         settings.pretrain_context, settings.pretrain_crop_memory, progress)
