@@ -7,7 +7,7 @@ the cropped window. All windows are pooled in one vectorised step with a 2-D spa
 maxima (the max over `2^kx x 2^ky` cells at every position): the max of any bin is the max of four
 table entries, gathered for every window and bin at once. When every level divides the finest one
 (the paper's {1, 2, 3, 6}), the coarser levels are exact maxima over blocks of the finest bins.
-On a GPU the same bins come from `torchvision.ops.roi_pool`, one kernel per level (measured: the
+On a GPU the same bins come from `torchvision.ops.roi_pool` at the finest level (measured: the
 table's many small kernels made pooling the slowest SPP-net stage on an H200).
 
 Flattening order: levels in the order given; within a level, channel-major then row then column,
@@ -201,7 +201,7 @@ def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = SPP_LEVELS,
 
 
 def _roi_pool_levels(fmap: Tensor, windows: Tensor, levels: tuple[int, ...]) -> Tensor:
-    """The same pooling through `torchvision.ops.roi_pool`, one kernel per level. With integer
+    """The same pooling through `torchvision.ops.roi_pool` (`_roi_pool_batch`). With integer
     cell windows inside the map and `spatial_scale=1` its bins are exactly the adaptive ones
     (`floor(i*L/n)` to `ceil((i+1)*L/n)`). On a GPU this is far faster than the sparse table's
     many small kernels; on a CPU it is slower (0.72 s against 0.19 s for 2000 windows of a
@@ -211,22 +211,30 @@ def _roi_pool_levels(fmap: Tensor, windows: Tensor, levels: tuple[int, ...]) -> 
 
 
 def _roi_pool_batch(batch: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:
-    """`roi_pool` of rows `(map index, x1, y1, x2, y2)` of a batch of maps, one call per level:
-    `[N, C * sum(n*n)]`."""
+    """`roi_pool` of rows `(map index, x1, y1, x2, y2)` of a batch of maps: `[N, C * sum(n*n)]`.
+    When every level divides the finest (the paper's {1, 2, 3, 6}) one call pools the finest
+    level and the coarser ones are maxima over blocks of its bins, as in `spp_pool` (exact: a
+    coarse bin is the union of the fine bins it covers); else one call per level. Each call
+    reads every cell of every window, so this reads them once instead of once per level."""
     from torchvision.ops import roi_pool
 
     rois = rois.to(device=batch.device, dtype=batch.dtype)
-    return torch.cat([roi_pool(batch, rois, n, 1.0).flatten(1) for n in levels], dim=1)
+    finest = max(levels)
+    if any(finest % n for n in levels):
+        return torch.cat([roi_pool(batch, rois, n, 1.0).flatten(1) for n in levels], dim=1)
+    fine = roi_pool(batch, rois, finest, 1.0).permute(0, 2, 3, 1).contiguous()   # [N, m, m, C]
+    return torch.cat([(fine if n == finest else _coarsen(fine, n)).permute(0, 3, 1, 2).flatten(1)
+                      for n in levels], dim=1)
 
 
 def spp_pool_maps(fmaps: Sequence[Tensor], windows: Tensor,
                   levels: Sequence[int] = SPP_LEVELS) -> Tensor:
-    """Pyramid-pool windows of several maps in one `roi_pool` call per level: `fmaps` are
-    `[C, H_i, W_i]` maps of any sizes, `windows` int64 `[N, 5]` rows `(map index, x1, y1, x2,
-    y2)` inside their own map. The maps are zero-padded into one batch (a window never reaches
-    the padding, so the bins are those of `spp_pool` on each map); fp16 maps are pooled in fp32.
-    One call instead of one per map and level: a fine-tuning step of SPP-net pools 128 windows
-    from about 20 maps (4 images x 5 scales)."""
+    """Pyramid-pool windows of several maps with one `roi_pool` call (`_roi_pool_batch`):
+    `fmaps` are `[C, H_i, W_i]` maps of any sizes, `windows` int64 `[N, 5]` rows `(map index,
+    x1, y1, x2, y2)` inside their own map. The maps are zero-padded into one batch (a window
+    never reaches the padding, so the bins are those of `spp_pool` on each map); fp16 maps are
+    pooled in fp32. One call instead of one per map: a fine-tuning step of SPP-net pools 128
+    windows from about 20 maps (4 images x 5 scales)."""
     levels = tuple(int(n) for n in levels)
     channels = fmaps[0].shape[0]
     if len(windows) == 0:
