@@ -5,7 +5,7 @@ twice: R-CNN's warp at the net's crop size, and a square crop with real image co
 box for the SPP head (`context_box_side` for the box, `context_margin` of real pixels on each
 side). On a small dataset all crops are cut once and held in memory as fp16; when they would not
 fit `TrainSettings.pretrain_crop_memory` (VOC2007 with the `paper` preset: ~150 000 regions,
-tens of GB) only the boxes are kept and each minibatch's crops are cut from the images when it
+some 130 GB) only the boxes are kept and each minibatch's crops are cut from the images when it
 is drawn. Both give the same pixels, so training does not depend on which one ran.
 """
 
@@ -71,11 +71,13 @@ class PretrainCrops:
         self.in_memory = self.nbytes() <= memory_gib * GIB
         self._crops = self._context = None
         if self.in_memory:
+            # the regions of each image are contiguous, in image order
+            ends = torch.bincount(image_index, minlength=len(images)).cumsum(0).tolist()
             parts = []
             for i in (progress or (lambda x: x))(range(len(images))):
-                rows = torch.nonzero(image_index == i).flatten()
-                if len(rows):
-                    parts.append(self._cut(i, rows))
+                start = ends[i - 1] if i else 0
+                if ends[i] > start:
+                    parts.append(self._cut(i, torch.arange(start, ends[i])))
             self._crops = torch.cat([p[0] for p in parts]) if parts else \
                 torch.zeros((0, 3, net.crop_size, net.crop_size), dtype=torch.half)
             self._context = torch.cat([p[1] for p in parts]) if parts else \
