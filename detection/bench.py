@@ -1,6 +1,6 @@
-"""The paper's per-image timing table: conv time and fc time of SPP-net (1 and 5 scales) and of
-R-CNN on real images with their real proposals, the speedup, and where the time goes (FLOPs and
-achieved GFLOP/s beside a measured fp32 matmul rate on the same device).
+"""The paper's per-image timing table: conv time and fc time of SPP-net (1 scale and the
+multi-scale set) and of R-CNN on real images with their real proposals, the speedup, and where
+the time goes (FLOPs and achieved GFLOP/s beside a measured fp32 matmul rate on the same device).
 
 Each figure is the median over the timed images after a warm-up image; the device is synchronised
 around each stage (`StageTimer`). R-CNN may be timed on a random sample of K regions per image and
@@ -288,8 +288,10 @@ def bench_split(dataset, preset, workdir, device: torch.device, images: int,
     first = tuple(spp_scales or preset.scales())
     first_name = "SPP-net 1-scale" if len(first) == 1 else f"SPP-net {len(first)}-scale"
     rows = [BenchRow(first_name, "spp", first)]
-    if multiscale and first != preset.scales(multi=True):
-        rows.append(BenchRow("SPP-net 5-scale", "spp", preset.scales(multi=True)))
+    multi_scales = preset.scales(multi=True)
+    multi_name = f"SPP-net {len(multi_scales)}-scale"
+    if multiscale and first != multi_scales:
+        rows.append(BenchRow(multi_name, "spp", multi_scales))
     rows.append(BenchRow("R-CNN", "rcnn", (preset.scale,)))
     settings = ExtractSettings(max_side=preset.max_side)
     if progress:
@@ -310,11 +312,11 @@ def bench_split(dataset, preset, workdir, device: torch.device, images: int,
                 row["mAP_delta"] = deltas[row.get("switches", name)]
     timed = {i[0] for i in loaded}
     ss = [r.seconds for r in run.results if r.key in timed]
-    multi = table.get("SPP-net 5-scale") if first_name != "SPP-net 5-scale" else None
+    multi = table.get(multi_name) if first_name != multi_name else None
     return {
-        "spp": spp, "spp_5scale": multi, "rcnn": rcnn,
+        "spp": spp, "spp_multiscale": multi, "rcnn": rcnn,
         "speedup": rcnn["total_s"] / spp["total_s"],
-        "speedup_5scale": rcnn["total_s"] / multi["total_s"] if multi else None,
+        "speedup_multiscale": rcnn["total_s"] / multi["total_s"] if multi else None,
         "matmul_gflops_per_s": fp32_rate,
         "selective_search_s": float(np.median(ss)) if ss else None,
         "regions_per_image": result["regions_per_image"], "images": result["images"],

@@ -164,17 +164,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _parse_scales(text: str | None, preset) -> tuple[int, ...] | None:
-    """`--scales`: '1' (the preset's single scale), '5' (its multi-scale set) or sizes '480,688'."""
+    """`--scales`: '1' (the preset's single scale), 'multi' or '5' (its multi-scale set: the
+    paper's five scales, the `small` preset's eight) or sizes '480,688'."""
     if not text:
         return None
     if text == "1":
         return preset.scales()
-    if text == "5":
+    if text in ("multi", "5"):
         return preset.scales(multi=True)
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise SppnetError(f"--scales {text!r}: expected 1, 5 or sizes like 480,688") from None
+        raise SppnetError(f"--scales {text!r}: expected 1, multi, 5 or sizes like 480,688"
+                          ) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -283,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("bench", help="the paper's per-image conv/fc timing table, both methods",
-                       description="Time SPP-net (1 and 5 scales) and R-CNN per image on real "
-                                   "images with their selective-search proposals: conv time, "
-                                   "pooling, fc time, total and speedup, with FLOPs and GFLOP/s.")
+                       description="Time SPP-net (1 scale and multi-scale) and R-CNN per "
+                                   "image on real images with their selective-search proposals: "
+                                   "conv time, pooling, fc time, total and speedup, with FLOPs "
+                                   "and GFLOP/s.")
     _add_dataset(p)
     p.add_argument("--images", type=positive_int, default=5, metavar="N",
                    help="images to time (default 5; the first is also the warm-up)")
@@ -299,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rcnn-sample", type=positive_int, metavar="K",
                    help="time R-CNN on K random regions per image and scale up to all regions "
                         "(labelled as extrapolated)")
-    p.add_argument("--no-multiscale", action="store_true", help="skip the 5-scale SPP-net row")
+    p.add_argument("--no-multiscale", action="store_true", help="skip the multi-scale SPP-net row")
     p.add_argument("--variants", nargs="?", const="auto", metavar="V1,V2",
                    help="also time SPP-net with speedups (dedup, svd, channels_last, bf16, fp16, "
                         "joined by '+', e.g. dedup+svd); alone: every switch this device gains "
@@ -321,8 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method", required=True, choices=("spp", "rcnn"))
         p.add_argument("--preset", default="small", choices=("paper", "small"),
                        help="network, scales and proposals (default small: CPU-sized)")
-        p.add_argument("--scales", metavar="1|5|S,S",
-                       help="SPP-net scales: 1 (default), 5 (the paper's five) or sizes")
+        p.add_argument("--scales", metavar="1|multi|S,S",
+                       help="SPP-net scales: 1, multi or 5 (the preset's multi-scale set: the "
+                            "paper's five, small's eight) or sizes; train's default: chosen on "
+                            "validation")
         _add_run_options(p)
         _add_workdir(p)
         _add_json(p)

@@ -185,7 +185,7 @@ def extract(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor | np.nda
             with timer.stage("conv"):
                 conv = conv_maps(net, image, settings.scales, settings.max_side,
                                  settings.channels_last)
-            return _spp_from_maps(net, conv, boxes, settings, timer, return_pooled)
+            return spp_from_maps(net, conv, boxes, settings, timer, return_pooled)
         crop = net.crop_size
         chunk = settings.rcnn_chunk or net.spec.rcnn_chunk
         with timer.stage("conv"):
@@ -222,25 +222,30 @@ def extract_batch(net: DetectorNet, images: Sequence[np.ndarray | Tensor],
                 maps = conv_maps_batch(net, [images[i] for i in members], settings.scales,
                                        settings.max_side, settings.channels_last)
             for i, conv in zip(members, maps):
-                out[i] = _spp_from_maps(net, conv, _as_boxes(boxes[i], device), settings,
-                                        timer, return_pooled)
+                out[i] = spp_from_maps(net, conv, _as_boxes(boxes[i], device), settings,
+                                       timer, return_pooled)
     return out
 
 
-def _spp_from_maps(net: DetectorNet, conv: ConvMaps, boxes: Tensor, settings: ExtractSettings,
-                   timer: StageTimer, return_pooled: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """SPP-net after the conv layers: project, pyramid-pool (once per distinct window with
-    `dedup`), fc6/fc7."""
+def spp_from_maps(net: DetectorNet, conv: ConvMaps, boxes: Tensor, settings: ExtractSettings,
+                  timer: StageTimer | None = None, return_pooled: bool = False
+                  ) -> Tensor | tuple[Tensor, Tensor]:
+    """SPP-net after the conv layers, on maps computed earlier (`conv_maps` at the settings'
+    scales): project, pyramid-pool (once per distinct window with `dedup`), fc6/fc7.
+    `extract` is this after `conv_maps`; maps shared by several settings give each the numbers
+    that `extract` would."""
+    timer = timer or NullTimer()
     inverse = None
-    with timer.stage("pool"):
-        windows = box_windows(net, conv, boxes, settings.box_target)
-        if settings.dedup:
-            windows, inverse = torch.unique(windows, dim=0, return_inverse=True)
-        pooled = pool_scaled_windows(net, conv, windows, settings.pool_chunk)
-    with timer.stage("fc"):
-        fc7 = fc_features(net.spp_fc, pooled, settings.fc_chunk).float()
-        if inverse is not None:
-            fc7 = fc7[inverse]
+    with torch.inference_mode(), _autocast(net_device(net), settings.precision):
+        with timer.stage("pool"):
+            windows = box_windows(net, conv, boxes, settings.box_target)
+            if settings.dedup:
+                windows, inverse = torch.unique(windows, dim=0, return_inverse=True)
+            pooled = pool_scaled_windows(net, conv, windows, settings.pool_chunk)
+        with timer.stage("fc"):
+            fc7 = fc_features(net.spp_fc, pooled, settings.fc_chunk).float()
+            if inverse is not None:
+                fc7 = fc7[inverse]
     if not return_pooled:
         return fc7
     return (pooled if inverse is None else pooled[inverse]).float(), fc7

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from data.atomic import atomic_write
 from data.errors import SppnetError
 from detection.backbones import DetectorNet, load_checkpoint, prefer_channels_last
-from detection.features import ExtractSettings, extract, extract_batch
+from detection.features import ConvMaps, ExtractSettings, extract, extract_batch, spp_from_maps
 from detection.postprocess import clip_boxes, detections_from_scores
 from detection.presets import Preset
 from detection.scales import box_target_side
@@ -83,6 +83,19 @@ class Detector:
         return [self._detections(image, b, pooled, fc7, score_threshold) if len(b)
                 else _no_detections()
                 for image, b, (pooled, fc7) in zip(images, boxes, features)]
+
+    def detect_from_maps(self, image: np.ndarray, proposals: np.ndarray | Tensor,
+                         conv: ConvMaps, score_threshold: float | None = None) -> dict:
+        """SPP-net's `detect` on conv5 maps of `image` computed earlier at this detector's
+        scales (`conv_maps`): detectors that differ only in their scales share one conv pass
+        (the test-scale choice on validation images), each getting what `detect` gives."""
+        if self.method != "spp":
+            raise ValueError("detect_from_maps is SPP-net's: R-CNN has no image-level maps")
+        boxes = _as_boxes(proposals)
+        if len(boxes) == 0:
+            return _no_detections()
+        pooled, fc7 = spp_from_maps(self.net, conv, boxes, self.settings, return_pooled=True)
+        return self._detections(image, boxes, pooled, fc7, score_threshold)
 
     def _detections(self, image: np.ndarray, boxes: Tensor, pooled: Tensor, fc7: Tensor,
                     score_threshold: float | None) -> dict:

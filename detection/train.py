@@ -36,7 +36,8 @@ from tqdm import tqdm
 from data.atomic import atomic_write
 from data.images import load_image
 from detection.backbones import DetectorNet, output_side
-from detection.features import ConvMaps, ExtractSettings, box_windows, conv_maps, extract
+from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps, extract,
+                                spp_from_maps)
 from detection.pretrain_crops import context_margin, pretrain_crops
 from detection.rcnn_warp import warp_regions
 from detection.scales import box_target_side, scale_factor
@@ -388,15 +389,27 @@ class RowFeatures:
 
 def region_features(net: DetectorNet, method: str, images: Sequence[TrainImage],
                     settings: ExtractSettings, quiet: bool = False,
-                    rows_of: Callable[[TrainImage], Tensor] | None = None
+                    rows_of: Callable[[TrainImage], Tensor] | None = None,
+                    cached: tuple[tuple[int, ...], list[list[Tensor]]] | None = None
                     ) -> Iterator[tuple[RowFeatures, Tensor, Tensor]]:
     """`(rows, pooled, fc7)` of the rows of every image (all rows, or the mask `rows_of(image)`),
-    one image at a time (never the whole split's features in memory)."""
-    for item in _progress(images, f"{method} features", quiet=quiet):
+    one image at a time (never the whole split's features in memory). SPP-net with `cached`
+    (`(scales, maps)` of `cached_conv5`, scales including the settings') pools from those conv5
+    maps, as its fine-tuning does, instead of running the conv layers again."""
+    device = next(net.parameters()).device
+    for i, item in _progress(enumerate(images), f"{method} features", total=len(images),
+                             quiet=quiet):
         rows = (torch.arange(len(item.regions)) if rows_of is None
                 else torch.nonzero(rows_of(item)).flatten())
-        pooled, fc7 = extract(net, item.pixels, item.regions.boxes[rows], method, settings,
-                              return_pooled=True)
+        boxes = item.regions.boxes[rows]
+        if method == "spp" and cached is not None:
+            h, w = item.pixels.shape[:2]
+            conv = ConvMaps([scale_factor(h, w, s, settings.max_side) for s in settings.scales],
+                            [cached[1][i][cached[0].index(s)].to(device).float()
+                             for s in settings.scales])
+            pooled, fc7 = spp_from_maps(net, conv, boxes, settings, return_pooled=True)
+        else:
+            pooled, fc7 = extract(net, item.pixels, boxes, method, settings, return_pooled=True)
         yield RowFeatures(item.image_id, item.regions, rows), pooled.cpu(), fc7.cpu()
 
 

@@ -94,3 +94,18 @@ def test_bench_variants_rows_and_bad_names(drawn_voc, tmp_path, capsys):
     assert main(common + ["--variants", "dedup,turbo"]) == 2
     err = capsys.readouterr().err.strip()
     assert "turbo" in err and len(err.splitlines()) == 1
+
+
+def test_scales_option_names_the_presets_sets():
+    from data.errors import SppnetError
+    from detection.cli import _parse_scales
+    from detection.presets import get_preset
+
+    small, paper = get_preset("small"), get_preset("paper")
+    assert _parse_scales("1", small) == (small.scale,)
+    assert _parse_scales("multi", small) == _parse_scales("5", small) == small.multi_scales
+    assert _parse_scales("multi", paper) == (480, 576, 688, 864, 1200)
+    assert _parse_scales("480,688", paper) == (480, 688)
+    assert _parse_scales(None, paper) is None
+    with pytest.raises(SppnetError, match="expected 1, multi"):
+        _parse_scales("many", small)

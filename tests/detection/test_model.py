@@ -37,3 +37,33 @@ def test_detect_many_with_batched_conv_equals_detect(tmp_path):
     again = loaded.detect(images[0], proposals[0])
     assert torch.allclose(again["scores"], detector.detect(images[0], proposals[0])["scores"],
                           atol=1e-5)
+
+
+def test_detect_from_shared_maps_equals_detect():
+    """Maps computed once at a superset of scales give each scale subset what `detect` gives
+    (the test-scale choice relies on it)."""
+    import pytest
+
+    from detection.features import ConvMaps, conv_maps
+
+    base = _detector()
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (130, 170, 3), dtype=np.uint8)
+    boxes = np.array([[5, 5, 30, 28], [40, 30, 150, 110], [0, 0, 169, 129], [60, 70, 75, 90]],
+                     np.float32)
+    every = [96, 160, 240]
+    with torch.inference_mode():
+        conv = conv_maps(base.net, image, every, base.preset.max_side)
+    for scales in [(160,), (96, 240), (96, 160, 240)]:
+        detector = Detector(base.net, "spp", base.classes, base.preset, scales, base.fc8,
+                            scorer="softmax")
+        at = [every.index(s) for s in scales]
+        own = ConvMaps([conv.factors[k] for k in at], [conv.maps[k] for k in at])
+        got, want = detector.detect_from_maps(image, boxes, own), detector.detect(image, boxes)
+        assert len(want["scores"]) > 0
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(got[key], want[key])
+    rcnn = Detector(base.net, "rcnn", base.classes, base.preset, (160,), base.fc8,
+                    scorer="softmax")
+    with pytest.raises(ValueError):
+        rcnn.detect_from_maps(image, boxes, conv)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from detection.scales import PAPER_SCALES, assign_scales, resize_image, scale_factor
+from detection.scales import (PAPER_SCALES, assign_scales, box_target_side, resize_image,
+                              scale_factor)
 
 
 def test_shorter_side_and_cap():
@@ -24,3 +27,23 @@ def test_each_box_goes_to_the_scale_closest_to_224():
     area = lambda k, b: ((b[2] - b[0] + 1) * factors[k]) * ((b[3] - b[1] + 1) * factors[k])
     for b, k in zip(boxes, chosen):
         assert all(abs(area(k, b) - 224 ** 2) <= abs(area(j, b) - 224 ** 2) for j in range(5))
+
+
+def test_small_preset_scales_bring_every_object_size_near_the_trunk_input():
+    """On images of 180-400 px (shorter side, aspect up to 2), every box from a tenth of the
+    shorter side to the whole image has a multi-scale where its side is within 1.25x of the
+    side the trunk learned: the reason for the preset's wide scale set."""
+    from detection.presets import get_preset
+
+    preset = get_preset("small")
+    target = box_target_side(preset.crop_size)
+    for shorter in (180, 230, 300, 400):
+        for longer in (shorter, 2 * shorter):
+            factors = [scale_factor(shorter, longer, s, preset.max_side)
+                       for s in preset.multi_scales]
+            sides = torch.logspace(math.log10(shorter / 10), math.log10(shorter), 30)
+            boxes = torch.stack([torch.zeros_like(sides), torch.zeros_like(sides),
+                                 sides - 1, sides - 1], 1)
+            chosen = assign_scales(boxes, factors, target)
+            ratio = sides * torch.tensor(factors, dtype=torch.float32)[chosen] / target
+            assert ratio.max() <= 1.25 and ratio.min() >= 1 / 1.25, (shorter, longer)

@@ -42,8 +42,9 @@ def test_matches_adaptive_max_pool_on_random_maps_and_windows(levels, seed, coun
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_windows_of_several_maps_pool_as_each_map_alone(dtype):
-    """One batched call over maps of different sizes (zero-padded; negative values show any
-    read of the padding) gives each window exactly its own map's bins, in the given order."""
+    """One call over maps of different sizes (side by side on a zero canvas; negative values
+    show any read of the padding, and a read of a neighbouring map breaks the equality) gives
+    each window exactly its own map's bins, in the given order."""
     g = torch.Generator().manual_seed(5)
     sizes = [(7, 9), (12, 5), (3, 14), (10, 10)]
     fmaps = [(torch.randn(6, h, w, generator=g) - 5).to(dtype) for h, w in sizes]

@@ -162,3 +162,26 @@ def test_pretraining_on_crops_cut_per_step_ends_with_the_same_weights(images):
     pretrain_trunk(streamed, images, 1, replace(SETTINGS, pretrain_crop_memory=0.0),
                    torch.device("cpu"), quiet=True)
     assert _same_weights(held, streamed)
+
+
+def test_spp_region_features_from_the_conv5_cache_match_a_fresh_conv_pass(images, tmp_path):
+    """SPP-net's SVM and box-regression features read the fp16 conv5 cache of fine-tuning: the
+    same rows, and the numbers of a fresh fp32 conv pass up to fp16 rounding of the maps."""
+    from detection.features import ExtractSettings
+
+    net = _net().eval()
+    scales = (96, 128, 176)
+    maps = train.cached_conv5(net, images, scales, 400, tmp_path / "conv5", quiet=True)
+    settings = ExtractSettings(scales=(96, 176), max_side=400, box_target=60.0)
+    rows_of = (lambda item: item.regions.best_iou >= 0.3)
+    fresh = list(train.region_features(net, "spp", images, settings, True, rows_of))
+    cached = list(train.region_features(net, "spp", images, settings, True, rows_of,
+                                        (scales, maps)))
+    assert len(fresh) == len(cached) == len(images)
+    for (rows_a, pooled_a, fc7_a), (rows_b, pooled_b, fc7_b) in zip(fresh, cached):
+        assert rows_a.image_id == rows_b.image_id and torch.equal(rows_a.rows, rows_b.rows)
+        assert len(rows_a.rows) > 0 and pooled_a.shape == pooled_b.shape
+        scale = pooled_a.abs().max()
+        assert (pooled_a - pooled_b).abs().max() <= 2e-3 * scale
+        assert not torch.equal(pooled_a, pooled_b) or scale == 0   # really read from the cache
+        assert torch.allclose(fc7_a, fc7_b, atol=1e-2 * fc7_a.abs().max().item())
