@@ -125,11 +125,17 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     fit_settings = (replace(settings, finetune_iters=max(1, round(
         finetune_iterations(settings, method) * settings.scale_choice_fraction)))
         if choose_scale else settings)
+    # SPP-net's conv5 maps of every training image, read once for the final fine-tuning and
+    # for the SVM and box-regression windows (the paper's conv5 feature cache)
+    choosing = choose_scale and bool(val_images)
+    all_maps = None
+    if method == "spp" and not choosing:
+        all_maps = cached_conv5(net, images, train_scales, preset.max_side, conv_cache, quiet)
     fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), fit_settings,
                                  device, train_scales, preset.max_side, conv_cache, quiet,
-                                 progress)
+                                 progress, maps=all_maps)
     scale_log, choice_log = None, None
-    if choose_scale and val_images:
+    if choosing:
         choice_log = finetune_log
         scales, scale_log = choose_test_scale(net, fc8, dataset, preset, val_images,
                                               train_scales)
@@ -140,9 +146,10 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         # of them too): fine-tune again from the pre-trained head on the whole split
         _log(f"spp: fine-tuning again on all {len(images)} images")
         net.spp_fc.load_state_dict(pretrained_head)
+        all_maps = cached_conv5(net, images, train_scales, preset.max_side, conv_cache, quiet)
         fc8, finetune_log = finetune(net, method, images, len(dataset.classes), settings,
                                      device, train_scales, preset.max_side, conv_cache, quiet,
-                                     progress)
+                                     progress, maps=all_maps)
     scales = tuple(scales or preset.scales())
     scorer = scorer or preset.scorer
     detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8, scorer=scorer)
@@ -156,12 +163,10 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     rows_of = (None if scorer == "svm" else
                (lambda item: item.regions.best_iou >= min_iou))
 
-    # SPP-net's regions are pooled from the conv5 maps cached for fine-tuning (the paper's
-    # conv5 feature cache): the conv layers run once per image and scale in all of training
-    cached = None
-    if method == "spp" and set(scales) <= set(train_scales):
-        cached = (tuple(train_scales), cached_conv5(net, images, tuple(train_scales),
-                                                    preset.max_side, conv_cache, quiet))
+    # SPP-net's regions are pooled from the fine-tuning's conv5 maps: the conv layers run once
+    # per image and scale in all of training
+    cached = ((tuple(train_scales), all_maps)
+              if all_maps is not None and set(scales) <= set(train_scales) else None)
 
     def batches():
         for item, pooled, fc7 in region_features(net, method, images, detector.settings, quiet,

@@ -287,18 +287,21 @@ def finetune_iterations(settings: TrainSettings, method: str) -> int:
 def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_classes: int,
              settings: TrainSettings, device: torch.device, scales: tuple[int, ...] = (688,),
              max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False,
-             progress: Path | None = None, save_every: int = 100) -> tuple[nn.Linear, dict]:
+             progress: Path | None = None, save_every: int = 100,
+             maps: list[list[Tensor]] | None = None) -> tuple[nn.Linear, dict]:
     """Stage 2: fine-tune `method`'s head (R-CNN: all layers, or fc6-fc8 only with
     `settings.rcnn_freeze_conv`) with a new (K+1)-way fc8; SPP-net
     pools each window from the conv5 map of the scale that the test would pool it at (the
     paper's rule: the box closest to the target side), the target jittered per image and step.
     Returns fc8 (the softmax scorer) and a log dict. With `progress`, a checkpoint is written
-    there every `save_every` iterations and a stopped run goes on from the last one."""
+    there every `save_every` iterations and a stopped run goes on from the last one. SPP-net
+    reads `maps` (`cached_conv5` of `images` at `scales`) when given, else the cache."""
     rng = np.random.default_rng(settings.seed + 1)
     torch.manual_seed(settings.seed + 1)
     fc8 = nn.Linear(net.feature_dim, num_classes + 1).to(device)
     if method == "spp":
-        maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet)
+        if maps is None:
+            maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet)
         modules = {"spp_fc": net.spp_fc, "fc8": fc8}
     elif settings.rcnn_freeze_conv:
         modules = {"rcnn_fc": net.rcnn_fc, "fc8": fc8}
