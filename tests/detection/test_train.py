@@ -5,34 +5,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
 import detection.train as train
 from detection.backbones import build_net
-from detection.regions import label_regions
-from detection.train import TrainImage, TrainSettings, finetune, pretrain_trunk
+from detection.train import TrainSettings, finetune, pretrain_trunk
 
 SETTINGS = TrainSettings(seed=3, pretrain_epochs=3, pretrain_jitters=2, pretrain_background=4,
                          pretrain_batch=8, finetune_iters=6, finetune_batch=16,
                          finetune_images=2)
-
-
-@pytest.fixture
-def images(draw):
-    """Four drawn images, each with its rectangles as ground truth and random proposals."""
-    out = []
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        pixels, voc_boxes = draw(i)
-        gt = torch.tensor(voc_boxes, dtype=torch.float32) - torch.tensor([1, 1, 1, 1])
-        xy = rng.uniform(0, [150, 100], (30, 2))
-        wh = rng.uniform(15, 60, (30, 2))
-        proposals = np.concatenate([xy, xy + wh], axis=1)
-        regions = label_regions(proposals, gt, torch.ones(len(gt), dtype=torch.int64), 1)
-        out.append(TrainImage(f"img{i}", pixels, regions))
-    return out
 
 
 def _net():
