@@ -39,7 +39,7 @@ from detection.backbones import DetectorNet, output_side
 from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps, extract,
                                 spp_from_maps)
 from detection.pretrain_crops import context_margin, pretrain_crops
-from detection.rcnn_warp import warp_regions
+from detection.rcnn_warp import warp_images
 from detection.scales import box_target_side, scale_factor
 from detection.spp import project_boxes, spp_pool_maps
 from detection.regions import LabelledRegions, label_regions, sample_rows
@@ -327,14 +327,13 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
             net.train()
             if settings.rcnn_freeze_conv:       # BatchNorm statistics frozen with the weights
                 net.trunk.eval()
-            warps = []
+            pairs = []
             for i in chosen:
                 item = images[i]
                 rows = sample_rows(item.regions, per_image, settings.fg_fraction, rng)
-                pre = net.preprocess(item.pixels)
-                warps.append(warp_regions(pre, item.regions.boxes[rows], net.crop_size))
+                pairs.append((net.preprocess(item.pixels), item.regions.boxes[rows]))
                 targets.append(item.regions.label[rows])
-            x = torch.cat(warps)
+            x = warp_images(pairs, net.crop_size)
             if rng.random() < 0.5:
                 x = x.flip(3)
             with torch.set_grad_enabled(not settings.rcnn_freeze_conv):

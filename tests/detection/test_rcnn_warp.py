@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
+from torchvision.ops import roi_align
 
-from detection.rcnn_warp import context_boxes, warp_regions
+from detection.rcnn_warp import context_boxes, warp_images, warp_regions
 
 
 def test_context_is_16_of_227_pixels():
@@ -49,3 +51,28 @@ def test_outside_the_image_is_zero_the_mean_pixel():
     warped = warp_regions(image, torch.tensor([[0.0, 0.0, 19.0, 19.0]]), crop=227)
     assert warped[0, :, 0, 0].abs().max() == 0          # far outside: the (zero) mean
     assert torch.allclose(warped[0, :, 113, 113], torch.ones(3))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_warps_spread_over_threads_equal_one_call_per_image(threads):
+    """Images and parts of an image's boxes warped on several threads give, in order, exactly
+    what one roi_align call per image gives."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(1, 3, h, w, generator=g) for h, w in ((120, 90), (60, 200), (75, 75))]
+    pairs = []
+    for image, n in zip(images, (100, 5, 70)):
+        h, w = image.shape[-2:]
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w - 10, h - 10])
+        wh = 2 + torch.rand(n, 2, generator=g) * torch.tensor([w, h])
+        pairs.append((image, torch.cat([xy, (xy + wh).minimum(torch.tensor([w - 1, h - 1]))], 1)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = warp_images(pairs, 33)
+        single = warp_regions(*pairs[0], 33)
+    finally:
+        torch.set_num_threads(before)
+    expected = [roi_align(image, torch.cat([torch.zeros(len(b), 1), context_boxes(b, 33)], 1),
+                          (33, 33), 1.0, -1, True) for image, b in pairs]
+    assert torch.equal(ours, torch.cat(expected))
+    assert torch.equal(single, expected[0])
