@@ -7,7 +7,6 @@ torch's intra-op threads: torchvision's CPU kernel keeps to about one core."""
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -18,8 +17,6 @@ from torchvision.ops import roi_align
 RCNN_CONTEXT = 16
 RCNN_CROP = 227
 MIN_BOXES_PER_THREAD = 32       # fewer: one call (a thread hand-off costs more than it saves)
-
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None     # (process id, workers, pool)
 
 
 def default_context(crop: int) -> float:
@@ -59,20 +56,14 @@ def warp_images(pairs: Sequence[tuple[Tensor, Tensor]], crop: int,
     on_cpu = all(image.device.type == "cpu" for image, _ in pairs)
     if threads < 2 or len(tasks) < 2 or not on_cpu:
         return torch.cat([_warp(image, rois, crop) for image, rois in tasks])
-    return torch.cat(list(_threads(threads).map(lambda t: _warp(t[0], t[1], crop), tasks)))
+    # roi_align releases the GIL, so the threads run on separate cores. They end with the call:
+    # a pool kept alive made SPP-net's pooling, timed later in the same process, about twice as
+    # slow (demo bench: 0.02 -> 0.04 s per image); thread start-up is negligible against a warp.
+    # 440 boxes of a demo image to 99 px on this project's 2-core CPU: 206 -> 143 ms.
+    with ThreadPoolExecutor(threads, thread_name_prefix="warp") as pool:
+        return torch.cat(list(pool.map(lambda t: _warp(t[0], t[1], crop), tasks)))
 
 
 def _warp(image: Tensor, rois: Tensor, crop: int) -> Tensor:
     return roi_align(image, rois, output_size=(crop, crop), spatial_scale=1.0,
                      sampling_ratio=-1, aligned=True)
-
-
-def _threads(workers: int) -> ThreadPoolExecutor:
-    """A pool of `workers` threads for this process (a pool inherited through fork has no
-    threads, so a child process makes its own). roi_align releases the GIL: the threads run
-    on separate cores. Measured on this project's 2-core CPU, 440 boxes of a demo image to
-    99 px: 159 ms in one call, 97 ms split over 2 threads, the same output (torch.equal)."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
-        _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="warp"))
-    return _pool[2]
