@@ -125,15 +125,17 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     fit_settings = (replace(settings, finetune_iters=max(1, round(
         finetune_iterations(settings, method) * settings.scale_choice_fraction)))
         if choose_scale else settings)
-    # SPP-net's conv5 maps of every training image, read once for the final fine-tuning and
+    # SPP-net's conv5 maps of every training image, computed or read once for both fits and
     # for the SVM and box-regression windows (the paper's conv5 feature cache)
     choosing = choose_scale and bool(val_images)
-    all_maps = None
-    if method == "spp" and not choosing:
+    all_maps, tune_maps = None, None
+    if method == "spp":
         all_maps = cached_conv5(net, images, train_scales, preset.max_side, conv_cache, quiet)
+        maps_of = {item.image_id: maps for item, maps in zip(images, all_maps)}
+        tune_maps = [maps_of[item.image_id] for item in tune_images]
     fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), fit_settings,
                                  device, train_scales, preset.max_side, conv_cache, quiet,
-                                 progress, maps=all_maps)
+                                 progress, maps=tune_maps)
     scale_log, choice_log = None, None
     if choosing:
         choice_log = finetune_log
@@ -146,7 +148,6 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         # of them too): fine-tune again from the pre-trained head on the whole split
         _log(f"spp: fine-tuning again on all {len(images)} images")
         net.spp_fc.load_state_dict(pretrained_head)
-        all_maps = cached_conv5(net, images, train_scales, preset.max_side, conv_cache, quiet)
         fc8, finetune_log = finetune(net, method, images, len(dataset.classes), settings,
                                      device, train_scales, preset.max_side, conv_cache, quiet,
                                      progress, maps=all_maps)
