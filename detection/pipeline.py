@@ -130,9 +130,10 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     choosing = choose_scale and bool(val_images)
     all_maps, tune_maps = None, None
     if method == "spp":
-        all_maps = cached_conv5(net, images, train_scales, preset.max_side, conv_cache, quiet)
-        maps_of = {item.image_id: maps for item, maps in zip(images, all_maps)}
-        tune_maps = [maps_of[item.image_id] for item in tune_images]
+        all_maps = cached_conv5(net, images, train_scales, preset.max_side, conv_cache, quiet,
+                                settings.conv5_memory)
+        index_of = {item.image_id: i for i, item in enumerate(images)}
+        tune_maps = all_maps.select([index_of[item.image_id] for item in tune_images])
     fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), fit_settings,
                                  device, train_scales, preset.max_side, conv_cache, quiet,
                                  progress, maps=tune_maps)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from data.atomic import atomic_write
 from data.images import load_image
 from detection.backbones import DetectorNet, output_side
+from detection.conv5_cache import Conv5Cache, build_conv5_cache
 from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps, extract,
                                 spp_from_maps)
 from detection.pretrain_crops import context_margin, pretrain_crops
@@ -56,6 +57,8 @@ class TrainSettings:
     pretrain_batch: int = 64
     pretrain_context: float = 1 / 3    # SPP head's crops: real context per side, x box side
     pretrain_crop_memory: float = 2.0  # GiB: crops held in memory up to this, else cut per step
+    conv5_memory: float = 4.0          # GiB: SPP-net's conv5 maps held in memory up to this,
+                                       # the others read from the disk cache when drawn
     pretrain_lr: float = 2e-3
     finetune_iters: int | None = None  # None: 1500 for SPP-net (fc only, cheap), 400 for R-CNN
     scale_choice_fraction: float = 0.2  # SPP-net's fit that ranks test scales: this x iters
@@ -256,26 +259,17 @@ def trunk_digest(net: DetectorNet) -> str:
 
 
 def cached_conv5(net: DetectorNet, images: Sequence[TrainImage], scales: tuple[int, ...],
-                 max_side: int, folder: Path, quiet: bool = False) -> list[list[Tensor]]:
+                 max_side: int, folder: Path, quiet: bool = False,
+                 memory_gib: float = 4.0) -> Conv5Cache:
     """conv5 maps of every image at every scale, read from `folder` (fp16 `.pt` files, written
-    atomically, so a stopped run resumes) or computed once and stored there."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for item in _progress(images, "conv5 cache", quiet=quiet):
-        path = folder / f"{hashlib.sha1(item.image_id.encode()).hexdigest()[:16]}.pt"
-        maps = None
-        if path.is_file():
-            try:
-                maps = torch.load(path, weights_only=True)["maps"]
-            except Exception:  # damaged entry: recompute
-                maps = None
-        if maps is None or len(maps) != len(scales):
-            with torch.inference_mode():
-                conv = conv_maps(net, item.pixels, scales, max_side)
-            maps = [m.half().cpu() for m in conv.maps]
-            atomic_write(path, lambda f, m=maps: torch.save({"maps": m}, f))
-        out.append(maps)
-    return out
+    atomically, so a stopped run resumes) or computed once and stored there; held in memory
+    up to `memory_gib`, the rest read from the files when used (`detection.conv5_cache`)."""
+    def compute(i: int) -> list[Tensor]:
+        with torch.inference_mode():
+            return conv_maps(net, images[i].pixels, scales, max_side).maps
+
+    return build_conv5_cache(compute, [item.image_id for item in images], folder, len(scales),
+                             memory_gib, quiet)
 
 
 def finetune_iterations(settings: TrainSettings, method: str) -> int:
@@ -288,7 +282,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
              settings: TrainSettings, device: torch.device, scales: tuple[int, ...] = (688,),
              max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False,
              progress: Path | None = None, save_every: int = 100,
-             maps: list[list[Tensor]] | None = None) -> tuple[nn.Linear, dict]:
+             maps: Sequence[list[Tensor]] | None = None) -> tuple[nn.Linear, dict]:
     """Stage 2: fine-tune `method`'s head (R-CNN: all layers, or fc6-fc8 only with
     `settings.rcnn_freeze_conv`) with a new (K+1)-way fc8; SPP-net
     pools each window from the conv5 map of the scale that the test would pool it at (the
@@ -301,7 +295,8 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
     fc8 = nn.Linear(net.feature_dim, num_classes + 1).to(device)
     if method == "spp":
         if maps is None:
-            maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet)
+            maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet,
+                                settings.conv5_memory)
         modules = {"spp_fc": net.spp_fc, "fc8": fc8}
     elif settings.rcnn_freeze_conv:
         modules = {"rcnn_fc": net.rcnn_fc, "fc8": fc8}
@@ -392,7 +387,7 @@ class RowFeatures:
 def region_features(net: DetectorNet, method: str, images: Sequence[TrainImage],
                     settings: ExtractSettings, quiet: bool = False,
                     rows_of: Callable[[TrainImage], Tensor] | None = None,
-                    cached: tuple[tuple[int, ...], list[list[Tensor]]] | None = None
+                    cached: tuple[tuple[int, ...], Sequence[list[Tensor]]] | None = None
                     ) -> Iterator[tuple[RowFeatures, Tensor, Tensor]]:
     """`(rows, pooled, fc7)` of the rows of every image (all rows, or the mask `rows_of(image)`),
     one image at a time (never the whole split's features in memory). SPP-net with `cached`
@@ -406,8 +401,9 @@ def region_features(net: DetectorNet, method: str, images: Sequence[TrainImage],
         boxes = item.regions.boxes[rows]
         if method == "spp" and cached is not None:
             h, w = item.pixels.shape[:2]
+            entry = cached[1][i]          # from memory or read once from the disk cache
             conv = ConvMaps([scale_factor(h, w, s, settings.max_side) for s in settings.scales],
-                            [cached[1][i][cached[0].index(s)].to(device).float()
+                            [entry[cached[0].index(s)].to(device).float()
                              for s in settings.scales])
             pooled, fc7 = spp_from_maps(net, conv, boxes, settings, return_pooled=True)
         else:
