@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from data.errors import SppnetError
+from detection import onednn
 from detection.spp import SpatialPyramidPool, spp_output_size
 
 BACKBONES = ("zf5", "zf5_small", "alexnet", "vgg16")
@@ -170,8 +171,9 @@ class FCHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.dropout(torch.relu(self.fc6(x)))
-        return self.dropout(torch.relu(self.fc7(x)))
+        # in inference on the CPU the products go through oneDNN (`detection.onednn`)
+        x = self.dropout(torch.relu(onednn.linear(self.fc6, x)))
+        return self.dropout(torch.relu(onednn.linear(self.fc7, x)))
 
 
 class DetectorNet(nn.Module):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from detection import onednn
 from detection.backbones import DetectorNet
 from detection.features import ExtractSettings, conv_maps, extract, fc_features, pool_windows, rcnn_pool5
 from detection.timing import StageTimer, synchronize
@@ -43,7 +44,9 @@ class BenchRow:
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of the convolutions and matrix products that `fn` runs (torch's flop counter)."""
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    # oneDNN's linear (`detection.onednn`) is not among the counter's ops: count the same
+    # products through aten's
+    with torch.inference_mode(), onednn.off(), counter:
         fn()
     return int(counter.get_total_flops())
 
