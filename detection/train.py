@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -104,9 +104,15 @@ def _adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimize
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+# where data is held while training, not what is trained: a run may resume under another budget
+MEMORY_FIELDS = ("pretrain_crop_memory", "conv5_memory")
+
+
 def run_key(*parts: object) -> str:
     """A short hash of what a training stage depends on (settings, classes, images): a progress
-    file of another run is never resumed."""
+    file of another run is never resumed. Memory budgets do not count (the same numbers)."""
+    parts = tuple({k: v for k, v in asdict(p).items() if k not in MEMORY_FIELDS}
+                  if isinstance(p, TrainSettings) else p for p in parts)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

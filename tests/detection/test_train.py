@@ -87,6 +87,34 @@ def test_finetuning_resumes_from_its_last_checkpoint(images, tmp_path, monkeypat
     assert not progress.exists() and log["iterations"] == SETTINGS.finetune_iters
 
 
+def test_spp_finetuning_resumes_under_another_memory_budget(images, tmp_path, monkeypatch):
+    """A run stopped with its conv5 maps in memory goes on with them read from disk."""
+    device = torch.device("cpu")
+    args = ("spp", images, 1)
+    whole = _net()
+    fc8_whole, _ = finetune(whole, *args, SETTINGS, device, (96, 128), 400,
+                            conv_cache=tmp_path / "c", quiet=True)
+    progress = tmp_path / "ft.progress.pt"
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_net(), *args, SETTINGS, device, (96, 128), 400, conv_cache=tmp_path / "c",
+                 quiet=True, progress=progress, save_every=2)
+    steps, real_load = [], train.load_progress
+
+    def recording_load(*a):
+        out = real_load(*a)
+        steps.append(out[0])
+        return out
+
+    monkeypatch.setattr(train, "load_progress", recording_load)
+    resumed = _net()
+    fc8_resumed, _ = finetune(resumed, *args, replace(SETTINGS, conv5_memory=0.0), device,
+                              (96, 128), 400, conv_cache=tmp_path / "c", quiet=True,
+                              progress=progress, save_every=2)
+    assert steps == [2]                 # went on from the checkpoint, not from the start
+    assert _same_weights(fc8_resumed, fc8_whole) and _same_weights(resumed, whole)
+
+
 def test_a_damaged_progress_file_starts_the_stage_again(images, tmp_path):
     device = torch.device("cpu")
     progress = tmp_path / "trunk.progress.pt"
