@@ -116,14 +116,13 @@ def box_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor,
     the box pooled at the scale where its area is closest to `box_target` squared."""
     boxes = boxes.to(conv.maps[0].device)
     scale_of_box = assign_scales(boxes, conv.factors, box_target)
-    windows = torch.empty((len(boxes), 5), dtype=torch.int64, device=boxes.device)
-    windows[:, 0] = scale_of_box
-    for k, (factor, fmap) in enumerate(zip(conv.factors, conv.maps)):
-        rows = torch.nonzero(scale_of_box == k).flatten()
-        if len(rows):
-            windows[rows, 1:] = project_boxes(boxes[rows] * factor, net.stride,
-                                              net.first_centre, fmap.shape[1], fmap.shape[2])
-    return windows
+    # every box projected in one call, each with its own scale's factor and map size
+    factors = torch.tensor(conv.factors, dtype=boxes.dtype, device=boxes.device)
+    sizes = torch.tensor([fmap.shape[1:] for fmap in conv.maps], device=boxes.device)
+    per_box = sizes[scale_of_box]
+    cells = project_boxes(boxes * factors[scale_of_box][:, None], net.stride, net.first_centre,
+                          per_box[:, 0], per_box[:, 1])
+    return torch.cat([scale_of_box[:, None], cells], 1)
 
 
 def pool_scaled_windows(net: DetectorNet, conv: ConvMaps, windows: Tensor,

@@ -38,10 +38,11 @@ def spp_output_size(channels: int, levels: Sequence[int] = SPP_LEVELS) -> int:
     return channels * sum(n * n for n in levels)
 
 
-def project_boxes(boxes: Tensor, stride: float, first_centre: float, map_height: int,
-                  map_width: int, shrink: float | None = None) -> Tensor:
+def project_boxes(boxes: Tensor, stride: float, first_centre: float, map_height: int | Tensor,
+                  map_width: int | Tensor, shrink: float | None = None) -> Tensor:
     """Project boxes `[N, 4]` (0-based pixel xyxy in the image the map was computed on) onto the
-    feature map; returns int64 cell windows `[N, 4]` `(x1, y1, x2, y2)`, inclusive, never empty."""
+    feature map; returns int64 cell windows `[N, 4]` `(x1, y1, x2, y2)`, inclusive, never empty.
+    The map size may be given per box (`[N]` tensors: each box on its own scale's map)."""
     if shrink is None:
         shrink = SHRINK_FRACTION * stride
     b = boxes.to(torch.float64)
@@ -51,7 +52,11 @@ def project_boxes(boxes: Tensor, stride: float, first_centre: float, map_height:
     inverted = lo > hi
     lo = torch.where(inverted, middle, lo)
     hi = torch.where(inverted, middle, hi)
-    limit = torch.tensor([map_width - 1, map_height - 1], dtype=torch.float64, device=b.device)
+    if isinstance(map_height, Tensor):
+        limit = torch.stack([map_width, map_height], 1).to(b.device, torch.float64) - 1
+    else:
+        limit = torch.tensor([map_width - 1, map_height - 1], dtype=torch.float64,
+                             device=b.device)
     lo = torch.minimum(lo.clamp(min=0), limit)
     hi = torch.minimum(hi.clamp(min=0), limit)
     return torch.cat([lo, hi], dim=1).to(torch.int64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from detection.features import ExtractSettings, extract
+from detection.features import ConvMaps, ExtractSettings, box_windows, extract
 from detection.rcnn_warp import warp_regions
 from detection.scales import assign_scales, resize_image, scale_factor
 from detection.spp import project_boxes
@@ -64,3 +64,24 @@ def test_no_boxes_and_unknown_method(net, image_and_boxes):
         assert extract(net, image, np.zeros((0, 4)), method).shape == (0, net.feature_dim)
     with pytest.raises(ValueError):
         extract(net, image, np.zeros((0, 4)), "fast-rcnn")
+
+
+def test_box_windows_project_each_box_on_its_own_scale(net):
+    """One projection call for all boxes: the windows of projecting each box alone onto the
+    map of the scale it is assigned to (8 scales, maps of different sizes, edge boxes)."""
+    rng = np.random.default_rng(3)
+    h, w = 230, 310
+    factors = [scale_factor(h, w, s, 1600) for s in (96, 128, 176, 240, 320, 448, 640, 800)]
+    maps = [torch.zeros(4, int(h * f) // 16 + 1, int(w * f) // 16 + 1) for f in factors]
+    xy = rng.uniform(-5, [w, h], (500, 2))
+    boxes = torch.tensor(np.concatenate([xy, xy + rng.uniform(0, 300, (500, 2))], 1),
+                         dtype=torch.float32)
+    windows = box_windows(net, ConvMaps(factors, maps), boxes, 98.0)
+    chosen = assign_scales(boxes, factors, 98.0)
+    assert torch.equal(windows[:, 0], chosen) and len(set(chosen.tolist())) >= 6
+    for i in range(len(boxes)):
+        k = int(chosen[i])
+        alone = project_boxes(boxes[i:i + 1] * factors[k], net.stride, net.first_centre,
+                              maps[k].shape[1], maps[k].shape[2])[0]
+        assert torch.equal(windows[i, 1:], alone)
+    assert box_windows(net, ConvMaps(factors, maps), boxes[:0]).shape == (0, 5)
