@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from data.cli_args import non_negative_int, positive_int
+from data.cli_args import non_negative_float, non_negative_int, positive_int
 from data.errors import SppnetError
 
 WORKDIR_ENV = "SPPNET_WORKDIR"
@@ -92,6 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, finetune_iters=args.finetune_iters)
     if args.pretrain_epochs is not None:
         settings = replace(settings, pretrain_epochs=args.pretrain_epochs)
+    if args.memory is not None:
+        settings = replace(settings, pretrain_crop_memory=args.memory, conv5_memory=args.memory)
     if args.freeze_conv:
         if args.method != "rcnn":
             raise SppnetError("--freeze-conv is an R-CNN ablation: SPP-net's conv layers are "
@@ -350,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fine-tuning iterations")
             p.add_argument("--pretrain-epochs", type=int, metavar="N",
                            help="trunk pre-training epochs")
+            p.add_argument("--memory", type=non_negative_float, metavar="GIB",
+                           help="RAM for each training cache: the pre-training crops and "
+                                "SPP-net's conv5 maps are held in memory up to this and read "
+                                "or cut per step beyond it, with the same results (default: "
+                                "2 for the crops, 4 for the maps)")
             p.add_argument("--freeze-conv", action="store_true",
                            help="R-CNN ablation: fine-tune fc6, fc7, fc8 only, conv frozen as "
                                 "SPP-net's")

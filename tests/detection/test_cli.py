@@ -109,3 +109,26 @@ def test_scales_option_names_the_presets_sets():
     assert _parse_scales(None, paper) is None
     with pytest.raises(SppnetError, match="expected 1, multi"):
         _parse_scales("many", small)
+
+
+def test_train_memory_option_sets_both_cache_budgets(drawn_voc, tmp_path, monkeypatch, capsys):
+    """`train --memory GIB` reaches both training caches; a bad value is a one-line usage error."""
+    import detection.pipeline as pipeline
+
+    seen = {}
+
+    def fake_train(dataset, method, preset, workdir, settings, *args, **kwargs):
+        seen["settings"] = settings
+        return tmp_path / "model.pt", {"images": len(dataset.images), "seconds": 0.0}
+
+    monkeypatch.setattr(pipeline, "train_detector", fake_train)
+    status = main(["train", "--voc-root", str(drawn_voc), "--split", "test", "--method",
+                   "spp", "--memory", "0.5", "--workdir", str(tmp_path / "w"), "--quiet"])
+    assert status == 0
+    assert seen["settings"].conv5_memory == seen["settings"].pretrain_crop_memory == 0.5
+    for bad in ("-1", "lots", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--voc-root", str(drawn_voc), "--split", "test", "--method",
+                  "spp", "--memory", bad])
+        assert exit_info.value.code == 2
+        assert "--memory" in capsys.readouterr().err
