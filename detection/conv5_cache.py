@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from data.atomic import atomic_write
+from data.errors import SppnetError
 
 GIB = 1024 ** 3
 
@@ -63,8 +64,8 @@ class Conv5Cache(Sequence[list[Tensor]]):
             return self._held[index]
         maps = read_entry(self._paths[index], self._scales)
         if maps is None:
-            raise RuntimeError(f"{self._paths[index]}: conv5 cache entry missing or damaged "
-                               f"during training")
+            raise SppnetError(f"{self._paths[index]}: conv5 cache entry missing or damaged "
+                              f"during training (run the command again to recompute it)")
         return maps
 
     def __iter__(self) -> Iterator[list[Tensor]]:
@@ -82,7 +83,8 @@ class Conv5Cache(Sequence[list[Tensor]]):
                           {k: self._held[i] for k, i in enumerate(indices) if i in self._held})
 
 
-def build_conv5_cache(compute, image_ids: Sequence[str], folder: Path, scales: int,
+def build_conv5_cache(compute: Callable[[int], Sequence[Tensor]], image_ids: Sequence[str],
+                      folder: Path, scales: int,
                       memory_gib: float, quiet: bool = False) -> Conv5Cache:
     """Make sure every image has its entry in `folder` (`compute(i)` gives image i's maps when
     it has none) and return the cache, holding images in memory while their maps fit

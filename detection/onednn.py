@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-# layer -> (weight version, bias version, weight storage, weight, bias) in oneDNN's format;
+# layer -> ((weight version, bias version, weight address), weight, bias in oneDNN's format);
 # weak, so that the cache never keeps a net alive nor travels with a copied one
 _PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
 _enabled = True
@@ -38,11 +38,18 @@ def off() -> Iterator[None]:
 
 def applies(layer: nn.Module, x: Tensor) -> bool:
     """Whether `layer(x)` can run through oneDNN here with the same numbers up to rounding."""
-    return (_enabled and type(layer) is nn.Linear and layer.bias is not None and x.device.type == "cpu"
-            and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
-            and x.dim() == 2 and x.shape[0] > 0 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled)
+    return (_enabled and type(layer) is nn.Linear and layer.bias is not None
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > 0
+            and not torch.is_grad_enabled() and not _cpu_autocast()
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:           # torch < 2.4 names it apart
+        return torch.is_autocast_cpu_enabled()
 
 
 def _packed(layer: nn.Linear) -> tuple[Tensor, Tensor] | None:

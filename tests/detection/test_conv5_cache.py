@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from detection.backbones import build_net
@@ -76,3 +77,12 @@ def test_finetuning_and_region_features_read_streamed_maps_alike(images, tmp_pat
     assert all(torch.equal(fc_a[k], fc_b[k]) for k in fc_a)
     assert all(torch.equal(fc8_a[k], fc8_b[k]) for k in fc8_a)
     assert all(torch.equal(a, b) for a, b in zip(fc7_a, fc7_b))
+
+
+def test_an_entry_lost_during_training_is_a_one_line_error(tmp_path):
+    from data.errors import SppnetError
+
+    cache = build_conv5_cache(_maps, ["a", "b"], tmp_path, 2, memory_gib=0.0, quiet=True)
+    entry_path(tmp_path, "b").unlink()
+    with pytest.raises(SppnetError, match=str(entry_path(tmp_path, "b").name)):
+        cache[1]
