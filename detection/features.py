@@ -115,6 +115,8 @@ def box_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor,
     """Each box's scale and conv5 window: int64 `[N, 5]` rows `(scale index, x1, y1, x2, y2)`,
     the box pooled at the scale where its area is closest to `box_target` squared."""
     boxes = boxes.to(conv.maps[0].device)
+    if not boxes.is_floating_point():        # integer pixels: scale them in float
+        boxes = boxes.float()
     scale_of_box = assign_scales(boxes, conv.factors, box_target)
     # every box projected in one call, each with its own scale's factor and map size
     factors = torch.tensor(conv.factors, dtype=boxes.dtype, device=boxes.device)

@@ -85,3 +85,6 @@ def test_box_windows_project_each_box_on_its_own_scale(net):
                               maps[k].shape[1], maps[k].shape[2])[0]
         assert torch.equal(windows[i, 1:], alone)
     assert box_windows(net, ConvMaps(factors, maps), boxes[:0]).shape == (0, 5)
+    whole = boxes.round()
+    assert torch.equal(box_windows(net, ConvMaps(factors, maps), whole.long(), 98.0),
+                       box_windows(net, ConvMaps(factors, maps), whole, 98.0))
