@@ -36,9 +36,16 @@ class ClassDetections:
         return len(self.image_ids)
 
 
+def _file_name_part(text: str) -> str:
+    """`text` as part of one file name: `%`, path separators and control characters
+    percent-encoded, so that a class name from an annotation (`a/b`, `../x`) never names
+    another folder; VOC's names are unchanged."""
+    return "".join(f"%{ord(c):02X}" if c in "%/\\" or ord(c) < 32 else c for c in text)
+
+
 def result_file_name(split: str, class_name: str) -> str:
     """The devkit's file name for one class's detections (competition 4: any training data)."""
-    return f"comp4_det_{split}_{class_name}.txt"
+    return f"comp4_det_{_file_name_part(split)}_{_file_name_part(class_name)}.txt"
 
 
 def detections_by_class(per_image: Mapping[str, Mapping[str, object]],
@@ -86,9 +93,10 @@ def read_result_file(path: str | Path) -> ClassDetections:
         raise ResultFileError(path, f"cannot read: {exc}") from None
     ids, values = [], []
     for number, line in enumerate(text.splitlines(), start=1):
-        fields = line.split()
-        if not fields:
+        if not line.strip():
             continue
+        # the last five fields are numbers; the id before them may hold spaces ("my photo 1")
+        fields = line.strip().rsplit(None, 5)
         if len(fields) != 6:
             raise ResultFileError(path, f"line {number}: expected 'image_id score x1 y1 x2 y2', "
                                         f"got {len(fields)} fields")

@@ -10,6 +10,7 @@ refused at its declaration, before anything else of the file is read.
 
 from __future__ import annotations
 
+import os
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -132,16 +133,33 @@ def list_splits(root: str | Path) -> list[str]:
 
 
 def read_split_ids(root: str | Path, split: str) -> list[str]:
-    """Image ids listed in `ImageSets/Main/<split>.txt`, in file order, without duplicates."""
+    """Image ids listed in `ImageSets/Main/<split>.txt`, in file order, without duplicates.
+
+    A line is an id, optionally followed by a flag as in VOC's per-class lists (`000005 -1`).
+    Where an annotation file exists, an id with spaces in it is taken whole and an image file
+    name (`000005.jpg`) is taken as its id. A byte-order mark (a split file saved by Windows
+    Notepad) is dropped."""
     path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         available = ", ".join(list_splits(root)) or "none"
         raise AnnotationError(path, f"no such image set (available splits: {available})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise AnnotationError(path, f"cannot read image set: {exc}") from None
-    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    annotations = Path(root) / "Annotations"
+
+    def image_id(line: str) -> str:
+        whole = line.strip()
+        first = whole.split()[0]
+        for candidate in dict.fromkeys((whole, first)):
+            stem, ext = os.path.splitext(candidate)
+            for name in (candidate, stem if ext.lower() in IMAGE_EXTENSIONS else None):
+                if name and (annotations / f"{name}.xml").is_file():
+                    return name
+        return first
+
+    ids = [image_id(line) for line in text.splitlines() if line.strip()]
     return list(dict.fromkeys(ids))
 
 

@@ -26,6 +26,29 @@ def test_round_trip_is_one_based_on_disk(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))        # no temporary files left behind
 
 
+def test_a_class_name_with_path_separators_stays_in_the_folder(tmp_path):
+    """Class names come from annotations: `a/b` or `../x` never name another folder."""
+    out = tmp_path / "out"
+    dets = {name: ClassDetections(["i"], [0.5], [[0, 0, 1, 1]])
+            for name in ("../x", "a/b", "a%2Fb", "c\\d")}
+    written = write_voc_results(out, "test", dets)
+    assert {p.parent for p in written} == {out} and len(set(written)) == 4
+    assert sorted(p.name for p in tmp_path.rglob("*.txt")) == sorted(p.name for p in written)
+    back, missing = read_voc_results(out, "test", list(dets))
+    assert not missing and all(back[name].image_ids == ["i"] for name in dets)
+    assert result_file_name("test", "diningtable") == "comp4_det_test_diningtable.txt"
+
+
+def test_an_image_id_with_spaces_round_trips(tmp_path):
+    """Ids are file stems, which may hold spaces: the last five fields are the numbers."""
+    dets = {"cat": ClassDetections(["my photo 1", "b"], [0.5, 0.25],
+                                   [[0, 0, 9, 19], [1, 1, 5, 5]])}
+    write_voc_results(tmp_path, "test", dets)
+    back = read_result_file(tmp_path / "comp4_det_test_cat.txt")
+    assert back.image_ids == ["my photo 1", "b"]
+    np.testing.assert_allclose(back.boxes, dets["cat"].boxes)
+
+
 @pytest.mark.parametrize("line, reason", [("a 0.5 1 2 3", "got 5 fields"),
                                           ("a x 1 2 3 4", "must be numbers"),
                                           ("a nan 1 2 3 4", "finite")])

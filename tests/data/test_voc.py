@@ -56,6 +56,19 @@ def test_split_file_tolerates_blank_lines_and_flags(tmp_path, tiny_voc):
     assert read_split_ids(tiny_voc, "odd") == ["img1", "img2"]
 
 
+def test_split_file_with_a_byte_order_mark_and_ids_with_spaces(tmp_path, tiny_voc):
+    """A split file saved with a BOM and CRLF line ends (Windows Notepad), and an id with a
+    space and an image file name, whose annotations exist: each id as its annotation file
+    names it."""
+    annotations = tiny_voc / "Annotations"
+    (annotations / "my photo 1.xml").write_bytes((annotations / "img2.xml").read_bytes())
+    (tiny_voc / "ImageSets" / "Main" / "win.txt").write_bytes(
+        "\ufeffimg1\r\nmy photo 1\r\nimg2 -1\r\nimg3.JPG\r\n".encode("utf-8"))
+    assert read_split_ids(tiny_voc, "win") == ["img1", "my photo 1", "img2", "img3"]
+    assert [im.image_id for im in open_voc(tiny_voc, "win")] == [
+        "img1", "my photo 1", "img2", "img3"]
+
+
 def test_missing_split_names_available_ones(tiny_voc):
     with pytest.raises(AnnotationError, match="available splits: all, test, trainval"):
         open_voc(tiny_voc, "val")
