@@ -420,11 +420,13 @@ def region_features(net: DetectorNet, method: str, images: Sequence[TrainImage],
 def load_training_images(dataset, proposals: dict[str, np.ndarray],
                          on_error: Callable[[str], None] | None = None) -> list[TrainImage]:
     """The split's images in memory with their labelled regions (images without proposals or
-    that cannot be read are reported and left out)."""
+    that cannot be read are reported and left out). Images whose size differs from their
+    annotation's (a photo annotated without its EXIF rotation, or resized after annotating)
+    are reported once, with a count: their boxes are used as annotated."""
     from data.errors import ImageLoadError
     from detection.regions import training_objects
 
-    out = []
+    out, mismatched = [], []
     for image in dataset.images:
         if image.image_id not in proposals:
             continue
@@ -434,8 +436,16 @@ def load_training_images(dataset, proposals: dict[str, np.ndarray],
             if on_error:
                 on_error(str(exc))
             continue
+        if (pixels.shape[1], pixels.shape[0]) != (image.width, image.height):
+            mismatched.append((image, pixels.shape[1], pixels.shape[0]))
         gt_boxes, gt_labels = training_objects(image, dataset.classes)
         regions = label_regions(proposals[image.image_id], gt_boxes, gt_labels,
                                 len(dataset.classes))
         out.append(TrainImage(image.image_id, pixels, regions))
+    if mismatched and on_error:
+        image, width, height = mismatched[0]
+        more = f" ({len(mismatched) - 1} more images like it)" if len(mismatched) > 1 else ""
+        on_error(f"{image.path}: the annotation says {image.width}x{image.height} but the image "
+                 f"is {width}x{height} (EXIF orientation applied); its boxes are used as "
+                 f"annotated and may not line up{more}")
     return out

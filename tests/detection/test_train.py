@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,28 @@ def test_spp_region_features_from_the_conv5_cache_match_a_fresh_conv_pass(images
         assert (pooled_a - pooled_b).abs().max() <= 2e-3 * scale
         assert not torch.equal(pooled_a, pooled_b) or scale == 0   # really read from the cache
         assert torch.allclose(fc7_a, fc7_b, atol=1e-2 * fc7_a.abs().max().item())
+
+
+def test_images_whose_size_differs_from_their_annotation_are_reported_once(tiny_voc):
+    """A photo annotated without its EXIF rotation (or resized after annotating) has boxes in
+    another frame: one line names the first such image and counts the others."""
+    import xml.etree.ElementTree as ET
+
+    from data.voc import open_voc
+
+    for image_id in ("img1", "img2"):          # their annotations now claim a swapped size
+        path = tiny_voc / "Annotations" / f"{image_id}.xml"
+        tree = ET.parse(path)
+        size = tree.getroot().find("size")
+        width, height = size.find("width").text, size.find("height").text
+        size.find("width").text, size.find("height").text = height, width
+        tree.write(path)
+    dataset = open_voc(tiny_voc, "all")
+    proposals = {im.image_id: np.array([[0, 0, 10, 10]], np.float32) for im in dataset}
+    messages = []
+    loaded = train.load_training_images(dataset, proposals, on_error=messages.append)
+    assert len(loaded) == 3 and len(messages) == 1
+    assert "img1.jpg" in messages[0] and "48x64 but the image is 64x48" in messages[0]
+    assert "1 more images like it" in messages[0]
+    assert train.load_training_images(open_voc(tiny_voc, "test"), proposals,
+                                      on_error=messages.append) and len(messages) == 1
