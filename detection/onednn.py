@@ -41,6 +41,7 @@ def applies(layer: nn.Module, x: Tensor) -> bool:
     return (_enabled and type(layer) is nn.Linear and layer.bias is not None
             and x.device.type == "cpu" and x.dtype == torch.float32
             and layer.weight.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > 0
+            and x.shape[1] == layer.in_features  # else nn.Linear's own clear shape error
             and not torch.is_grad_enabled() and not _cpu_autocast()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 

@@ -3,6 +3,7 @@ applies (inference, fp32, no autocast), and never stale after the weights change
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -36,6 +37,14 @@ def test_it_steps_aside_for_autograd_autocast_and_other_layers():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not onednn.applies(layer, x)
             assert onednn.linear(layer, x).dtype == torch.bfloat16
+
+
+def test_a_wrong_input_width_gets_pytorchs_shape_error():
+    """oneDNN's own message for it names no shapes ("could not create a primitive
+    descriptor"): the layer's call gives PyTorch's."""
+    layer = _layer()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        onednn.linear(layer, torch.randn(4, 299))
 
 
 def test_changed_weights_are_packed_again():
