@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="skip bounding-box regression")
             p.add_argument("--finetune-iters", type=positive_int, metavar="N",
                            help="fine-tuning iterations")
-            p.add_argument("--pretrain-epochs", type=int, metavar="N",
-                           help="trunk pre-training epochs")
+            p.add_argument("--pretrain-epochs", type=positive_int, metavar="N",
+                           help="trunk pre-training epochs (default 48; `sppnet demo` "
+                                "uses 16)")
             p.add_argument("--memory", type=non_negative_float, metavar="GIB",
                            help="RAM for each training cache: the pre-training crops and "
                                 "SPP-net's conv5 maps are held in memory up to this and read "

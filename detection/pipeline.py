@@ -56,18 +56,47 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def trunk_recipe(settings, weights: str | None) -> dict:
+    """What a trunk depends on besides its data and classes: the weights it starts from and,
+    when it is pre-trained here, the pre-training settings (memory budgets aside: they give the
+    same weights)."""
+    from detection.train import MEMORY_FIELDS
+
+    if weights not in (None, "random"):
+        return {"weights": str(weights)}
+    fields = {k: v for k, v in asdict(settings).items()
+              if k.startswith("pretrain_") and k not in MEMORY_FIELDS}
+    return {"weights": None, "seed": settings.seed, "weight_decay": settings.weight_decay,
+            **fields}
+
+
+def _recipe_change(old: dict, new: dict) -> str:
+    """`pretrain_epochs 16 -> 48, ...`: the entries where two recipes differ."""
+    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted({*old, *new})
+                     if old.get(k) != new.get(k))
+
+
 def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
            device: torch.device, weights: str | None, quiet: bool) -> tuple[DetectorNet, dict]:
-    """Stage 1, shared by both methods: load the pre-trained trunk or train and save it."""
+    """Stage 1, shared by both methods: load the pre-trained trunk or train and save it. A saved
+    trunk is reused when its classes and recipe (`trunk_recipe`) match the run's; one of
+    another recipe (say `--pretrain-epochs`) is made again."""
     from detection.train import pretrain_trunk
 
     path = folder / "trunk.pt"
+    recipe = trunk_recipe(settings, weights)
     if path.is_file():
         config = load_checkpoint(path)["config"]
-        if config.get("classes") == list(dataset.classes):
-            _log(f"trunk: reusing {path}")
+        made_with = config.get("recipe")
+        if config.get("classes") == list(dataset.classes) and made_with in (None, recipe):
+            _log(f"trunk: reusing {path}" + ("" if made_with else
+                 " (made by an earlier version, which did not record its settings; delete it "
+                 "to pre-train with this run's)"))
             return prefer_channels_last(build_net(preset.backbone, path).to(device)), \
                 config.get("log", {})
+        if made_with not in (None, recipe):
+            _log(f"trunk: {path} was made with other settings "
+                 f"({_recipe_change(made_with, recipe)}); making it again")
     net = prefer_channels_last(build_net(preset.backbone, weights, crop_size=preset.crop_size,
                                          seed=settings.seed).to(device))
     if weights not in (None, "random"):
@@ -77,7 +106,7 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
         _log("trunk: pre-training on crops of the training split (multi-size, SPP head)")
         log = pretrain_trunk(net, images, len(dataset.classes), settings, device, quiet,
                              progress=folder / "trunk.progress.pt")
-    save_checkpoint(net, path, {"classes": list(dataset.classes), "log": log})
+    save_checkpoint(net, path, {"classes": list(dataset.classes), "recipe": recipe, "log": log})
     return net, log
 
 

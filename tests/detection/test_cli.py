@@ -132,3 +132,20 @@ def test_train_memory_option_sets_both_cache_budgets(drawn_voc, tmp_path, monkey
                   "spp", "--memory", bad])
         assert exit_info.value.code == 2
         assert "--memory" in capsys.readouterr().err
+
+
+def test_pretrain_epochs_help_names_the_defaults_of_train_and_demo(capsys):
+    """The help's numbers are the real defaults (the parser avoids importing torch for them)."""
+    from detection.demo import DEMO_PRETRAIN_EPOCHS
+    from detection.train import TrainSettings
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (f"pre-training epochs (default {TrainSettings.pretrain_epochs}; `sppnet demo` uses "
+            f"{DEMO_PRETRAIN_EPOCHS})") in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--voc-root", "x", "--split", "t", "--method", "spp",
+              "--pretrain-epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "--pretrain-epochs" in capsys.readouterr().err

@@ -84,3 +84,30 @@ def test_freeze_conv_is_an_rcnn_ablation_saved_beside_the_rcnn_model(drawn_voc, 
                  "--no-box-regression"]) == 0
     folder = tmp_path / "work" / "models" / "drawn-small"
     assert (folder / "rcnn-frozen-conv.pt").is_file() and not (folder / "rcnn.pt").exists()
+
+
+def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_path, capsys):
+    """`--pretrain-epochs` (or another pre-training setting) takes effect in a workdir that holds a
+    trunk of other settings; the same settings reuse it; a trunk of an earlier version (no
+    recorded recipe) is reused with a note."""
+    from detection.backbones import load_checkpoint, save_checkpoint, build_net
+
+    def train(*extra):
+        assert main(["train", "--voc-root", str(drawn_voc), "--split", "test", "--method", "rcnn",
+                     "--workdir", str(tmp_path / "work"), "--jobs", "1", "--quiet", "--device",
+                     "cpu", "--finetune-iters", "1", "--no-box-regression", *extra]) == 0
+        return capsys.readouterr().err
+
+    trunk = tmp_path / "work" / "models" / "drawn-small" / "trunk.pt"
+    assert "pre-training" in train("--pretrain-epochs", "1")
+    assert load_checkpoint(trunk)["config"]["recipe"]["pretrain_epochs"] == 1
+    err = train("--pretrain-epochs", "2")
+    assert "pretrain_epochs 1 -> 2" in err and "making it again" in err
+    assert load_checkpoint(trunk)["config"]["recipe"]["pretrain_epochs"] == 2
+    assert "reusing" in train("--pretrain-epochs", "2")
+    err = train("--pretrain-epochs", "2", "--seed", "1")
+    assert "seed 0 -> 1" in err and "making it again" in err
+    config = load_checkpoint(trunk)["config"]
+    del config["recipe"]                                     # as an earlier version saved it
+    save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
+    assert "earlier version" in train("--pretrain-epochs", "3")

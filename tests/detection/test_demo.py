@@ -1,0 +1,34 @@
+"""`sppnet demo`'s training schedule: the demo pre-trains for fewer epochs than `train`."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import detection.demo as demo
+from detection.train import TrainSettings
+
+
+def test_the_demo_trains_with_its_shorter_pretraining(tmp_path, monkeypatch):
+    (tmp_path / "demo-data").mkdir()
+    (tmp_path / "demo-data" / "demo.json").write_text("{}")
+    monkeypatch.setattr(demo, "open_voc", lambda root, split, classes=None: SimpleNamespace(
+        name="demo-data", classes=("a",), split=split))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(dataset, method, preset, workdir, settings, *args, **kwargs):
+        seen["settings"] = settings
+        raise Stop
+
+    monkeypatch.setattr(demo, "train_detector", fake_train)
+    with pytest.raises(Stop):
+        demo.run_demo(tmp_path, torch.device("cpu"), seed=5, quiet=True)
+    settings = seen["settings"]
+    assert settings.seed == 5
+    assert settings.pretrain_epochs == demo.DEMO_PRETRAIN_EPOCHS < TrainSettings().pretrain_epochs
+    assert settings == TrainSettings(seed=5, pretrain_epochs=demo.DEMO_PRETRAIN_EPOCHS)
