@@ -71,7 +71,11 @@ def trunk_recipe(settings, weights: str | None) -> dict:
 
 
 def _recipe_change(old: dict, new: dict) -> str:
-    """`pretrain_epochs 16 -> 48, ...`: the entries where two recipes differ."""
+    """`pretrain_epochs 16 -> 48, ...`: the entries where two recipes differ (only the weights
+    when those differ: the pre-training settings of weights loaded from elsewhere mean nothing)."""
+    if old.get("weights") != new.get("weights"):
+        return " -> ".join(f"weights {w}" if w else "pre-trained here"
+                           for w in (old.get("weights"), new.get("weights")))
     return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted({*old, *new})
                      if old.get(k) != new.get(k))
 

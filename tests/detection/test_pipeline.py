@@ -111,3 +111,18 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     del config["recipe"]                                     # as an earlier version saved it
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
     assert "earlier version" in train("--pretrain-epochs", "3")
+
+
+def test_a_trunk_recipe_names_what_changed():
+    from detection.pipeline import _recipe_change, trunk_recipe
+    from detection.train import TrainSettings
+
+    here = trunk_recipe(TrainSettings(), None)
+    budgets = TrainSettings(conv5_memory=0.5, pretrain_crop_memory=0.1)
+    assert trunk_recipe(budgets, "random") == here
+    assert _recipe_change(here, trunk_recipe(TrainSettings(pretrain_epochs=3, seed=2), None)) == \
+        f"pretrain_epochs {TrainSettings().pretrain_epochs} -> 3, seed 0 -> 2"
+    assert _recipe_change(here, trunk_recipe(TrainSettings(), "imagenet")) == \
+        "pre-trained here -> weights imagenet"
+    imagenet = trunk_recipe(TrainSettings(), "imagenet")
+    assert trunk_recipe(TrainSettings(seed=4), "imagenet") == imagenet
