@@ -104,13 +104,14 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     err = train("--pretrain-epochs", "2")
     assert "pretrain_epochs 1 -> 2" in err and "making it again" in err
     assert load_checkpoint(trunk)["config"]["recipe"]["pretrain_epochs"] == 2
-    assert "reusing" in train("--pretrain-epochs", "2")
+    assert "trunk: reusing" in train("--pretrain-epochs", "2")
     err = train("--pretrain-epochs", "2", "--seed", "1")
     assert "seed 0 -> 1" in err and "making it again" in err
     config = load_checkpoint(trunk)["config"]
     del config["recipe"]                                     # as an earlier version saved it
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
-    assert "earlier version" in train("--pretrain-epochs", "3")
+    err = train("--pretrain-epochs", "3")
+    assert "trunk: reusing" in err and "earlier version" in err
 
 
 def test_a_trunk_recipe_names_what_changed():
