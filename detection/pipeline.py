@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from detection.backbones import (DetectorNet, build_net, load_checkpoint, prefer
 from detection.features import ConvMaps, conv_maps
 from detection.model import Detector, load_detector
 from detection.presets import Preset
+
+if TYPE_CHECKING:
+    from detection.train import TrainSettings
 
 DEFAULT_SCORER = "svm"
 
@@ -56,7 +60,7 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def trunk_recipe(settings, weights: str | None) -> dict:
+def trunk_recipe(settings: TrainSettings, weights: str | None) -> dict:
     """What a trunk depends on besides its data and classes: the weights it starts from and,
     when it is pre-trained here, the pre-training settings (memory budgets aside: they give the
     same weights)."""
