@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from data.cli_args import non_negative_float, non_negative_int, positive_int
+from data.cli_args import (fraction_below_one, non_negative_float, non_negative_int,
+                           positive_int)
 from data.errors import SppnetError
 
 WORKDIR_ENV = "SPPNET_WORKDIR"
@@ -92,6 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, finetune_iters=args.finetune_iters)
     if args.pretrain_epochs is not None:
         settings = replace(settings, pretrain_epochs=args.pretrain_epochs)
+    if args.pretrain_redraw is not None:
+        settings = replace(settings, pretrain_redraw=args.pretrain_redraw)
+    if args.pretrain_color is not None:
+        settings = replace(settings, pretrain_color=args.pretrain_color)
     if args.memory is not None:
         settings = replace(settings, pretrain_crop_memory=args.memory, conv5_memory=args.memory)
     if args.freeze_conv:
@@ -353,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--pretrain-epochs", type=positive_int, metavar="N",
                            help="trunk pre-training epochs (default 48; `sppnet demo` "
                                 "uses 16)")
+            p.add_argument("--pretrain-redraw", type=non_negative_int, metavar="N",
+                           help="draw new jittered and background regions for the trunk's "
+                                "pre-training every N epochs (default 1; 0: once)")
+            p.add_argument("--pretrain-color", type=fraction_below_one, metavar="S",
+                           help="colour jitter of the pre-training crops: saturation and "
+                                "contrast x 1+-S, channels shifted by up to S pixel spreads "
+                                "(default 0.6; 0: none)")
             p.add_argument("--memory", type=non_negative_float, metavar="GIB",
                            help="RAM for each training cache: the pre-training crops and "
                                 "SPP-net's conv5 maps are held in memory up to this and read "

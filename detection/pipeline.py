@@ -74,6 +74,11 @@ def trunk_recipe(settings: TrainSettings, weights: str | None) -> dict:
             **fields}
 
 
+# pre-training settings added after trunks first recorded their recipe, with the values that
+# the earlier versions used: a trunk saved without them was made with these
+LEGACY_RECIPE = {"pretrain_redraw": 0, "pretrain_color": 0.0}
+
+
 def _recipe_change(old: dict, new: dict) -> str:
     """`pretrain_epochs 16 -> 48, ...`: the entries where two recipes differ (only the weights
     when those differ: the pre-training settings of weights loaded from elsewhere mean nothing)."""
@@ -96,6 +101,8 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
     if path.is_file():
         config = load_checkpoint(path)["config"]
         made_with = config.get("recipe")
+        if made_with and made_with.get("weights") is None:
+            made_with = {**LEGACY_RECIPE, **made_with}
         if config.get("classes") == list(dataset.classes) and made_with in (None, recipe):
             _log(f"trunk: reusing {path}" + ("" if made_with else
                  " (made by an earlier version, which did not record its settings; delete it "

@@ -3,10 +3,10 @@
 Every region (a ground-truth object, a jittered copy of one, or a background proposal) is cut
 twice: R-CNN's warp at the net's crop size, and a square crop with real image context around the
 box for the SPP head (`context_box_side` for the box, `context_margin` of real pixels on each
-side). On a small dataset all crops are cut once and held in memory as fp16; when they would not
-fit `TrainSettings.pretrain_crop_memory` (VOC2007 with the `paper` preset: ~150 000 regions,
-some 130 GB) only the boxes are kept and each minibatch's crops are cut from the images when it
-is drawn. Both give the same pixels, so training does not depend on which one ran.
+side). On a small dataset all crops of a draw are cut at once and held in memory as fp16;
+when they would not fit `TrainSettings.pretrain_crop_memory` (VOC2007 with the `paper` preset:
+~150 000 regions, some 130 GB) only the boxes are kept and each minibatch's crops are cut from
+the images when it is drawn. Both give the same pixels, so training does not depend on which one ran.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from torch import Tensor
 
 from detection.backbones import DetectorNet
 from detection.boxes import apply_deltas, pixel_iou
-from detection.rcnn_warp import warp_regions
+from detection.rcnn_warp import warp_images, warp_regions
 
 if TYPE_CHECKING:
     from detection.train import TrainImage, TrainSettings
 
 GIB = 2 ** 30
+CUT_GROUP = 16      # images whose crops are cut in one call
 
 
 def context_box_side(crop_size: int) -> int:
@@ -71,17 +72,21 @@ class PretrainCrops:
         self.in_memory = self.nbytes() <= memory_gib * GIB
         self._crops = self._context = None
         if self.in_memory:
-            # the regions of each image are contiguous, in image order
+            # the regions of each image are contiguous, in image order; a group of images is cut
+            # in one call, so that the warps of its images run on all of torch's threads
             ends = torch.bincount(image_index, minlength=len(images)).cumsum(0).tolist()
-            parts = []
-            for i in (progress or (lambda x: x))(range(len(images))):
-                start = ends[i - 1] if i else 0
-                if ends[i] > start:
-                    parts.append(self._cut(i, torch.arange(start, ends[i])))
-            self._crops = torch.cat([p[0] for p in parts]) if parts else \
-                torch.zeros((0, 3, net.crop_size, net.crop_size), dtype=torch.half)
-            self._context = torch.cat([p[1] for p in parts]) if parts else \
-                torch.zeros((0, 3, self.context_side, self.context_side), dtype=torch.half)
+            with_regions = [i for i in range(len(images)) if ends[i] > (ends[i - 1] if i else 0)]
+            groups = [with_regions[k:k + CUT_GROUP] for k in range(0, len(with_regions),
+                                                                   CUT_GROUP)]
+            # written into place: a list of parts joined at the end would hold every crop twice
+            self._crops = torch.empty((len(self), 3, net.crop_size, net.crop_size),
+                                      dtype=torch.half)
+            self._context = torch.empty((len(self), 3, self.context_side, self.context_side),
+                                        dtype=torch.half)
+            for group in (progress or (lambda x: x))(groups):
+                first, last = (ends[group[0] - 1] if group[0] else 0), ends[group[-1]]
+                self._crops[first:last], self._context[first:last] = self._cut_images(
+                    group, [torch.arange(ends[i - 1] if i else 0, ends[i]) for i in group])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -100,6 +105,15 @@ class PretrainCrops:
             return [(warp_regions(pre, boxes, self.context_side, self.margin) if context
                      else warp_regions(pre, boxes, self.net.crop_size)).half().cpu()
                     for context in kinds]
+
+    def _cut_images(self, images: Sequence[int], rows: Sequence[Tensor]) -> list[Tensor]:
+        """Both crops of the regions `rows[k]` of each image `images[k]` (`_cut` of several
+        images at once)."""
+        with torch.inference_mode():
+            pairs = [(self.net.preprocess(self.images[i].pixels), self.boxes[r])
+                     for i, r in zip(images, rows)]
+            return [warp_images(pairs, self.net.crop_size).half().cpu(),
+                    warp_images(pairs, self.context_side, self.margin).half().cpu()]
 
     def batch(self, idx: Tensor, context: bool = False) -> Tensor:
         """The R-CNN warps (or with `context`, the context crops) of the regions `idx`, in that

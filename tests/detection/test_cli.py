@@ -149,3 +149,19 @@ def test_pretrain_epochs_help_names_the_defaults_of_train_and_demo(capsys):
               "--pretrain-epochs", "0"])
     assert exit_info.value.code == 2
     assert "--pretrain-epochs" in capsys.readouterr().err
+
+
+def test_pretraining_augmentation_help_and_bounds(capsys):
+    from detection.train import TrainSettings
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"every N epochs (default {TrainSettings.pretrain_redraw}; 0: once)" in text
+    assert f"(default {TrainSettings.pretrain_color}; 0: none)" in text
+    for flag, bad in (("--pretrain-color", "1"), ("--pretrain-color", "-0.1"),
+                      ("--pretrain-redraw", "-1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--voc-root", "x", "--split", "t", "--method", "spp", flag, bad])
+        assert exit_info.value.code == 2
+        assert flag in capsys.readouterr().err

@@ -31,4 +31,6 @@ def test_the_demo_trains_with_its_shorter_pretraining(tmp_path, monkeypatch):
     settings = seen["settings"]
     assert settings.seed == 5
     assert settings.pretrain_epochs == demo.DEMO_PRETRAIN_EPOCHS < TrainSettings().pretrain_epochs
-    assert settings == TrainSettings(seed=5, pretrain_epochs=demo.DEMO_PRETRAIN_EPOCHS)
+    assert settings == TrainSettings(seed=5, pretrain_epochs=demo.DEMO_PRETRAIN_EPOCHS,
+                                     pretrain_redraw=0, pretrain_color=0.0)
+    assert TrainSettings().pretrain_redraw > 0 and TrainSettings().pretrain_color > 0

@@ -91,6 +91,7 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     trunk of other settings; the same settings reuse it; a trunk of an earlier version (no
     recorded recipe) is reused with a note."""
     from detection.backbones import load_checkpoint, save_checkpoint, build_net
+    from detection.train import TrainSettings
 
     def train(*extra):
         assert main(["train", "--voc-root", str(drawn_voc), "--split", "test", "--method", "rcnn",
@@ -107,6 +108,16 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     assert "trunk: reusing" in train("--pretrain-epochs", "2")
     err = train("--pretrain-epochs", "2", "--seed", "1")
     assert "seed 0 -> 1" in err and "making it again" in err
+    # a recipe saved before the augmentation settings existed: made without augmentation
+    config = load_checkpoint(trunk)["config"]
+    for key in ("pretrain_redraw", "pretrain_color"):
+        del config["recipe"][key]
+    save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
+    assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
+                                     "--pretrain-redraw", "0", "--pretrain-color", "0")
+    err = train("--pretrain-epochs", "2", "--seed", "1")
+    assert f"pretrain_color 0.0 -> {TrainSettings.pretrain_color}" in err
+    assert f"pretrain_redraw 0 -> {TrainSettings.pretrain_redraw}" in err
     config = load_checkpoint(trunk)["config"]
     del config["recipe"]                                     # as an earlier version saved it
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)

@@ -39,20 +39,59 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_pretraining_resumes_from_its_last_epoch(images, tmp_path, monkeypatch):
+@pytest.mark.parametrize("redraw", [0, 1, 2])
+def test_pretraining_resumes_from_its_last_epoch(images, tmp_path, monkeypatch, redraw):
+    """Also when every epoch draws new regions: the resumed epoch draws the same ones."""
     device = torch.device("cpu")
+    settings = replace(SETTINGS, pretrain_redraw=redraw)
     whole = _net()
-    pretrain_trunk(whole, images, 1, SETTINGS, device, quiet=True)
+    pretrain_trunk(whole, images, 1, settings, device, quiet=True)
 
     progress = tmp_path / "trunk.progress.pt"
     _stop_after_first_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        pretrain_trunk(_net(), images, 1, SETTINGS, device, quiet=True, progress=progress)
+        pretrain_trunk(_net(), images, 1, settings, device, quiet=True, progress=progress)
     assert progress.is_file()
     resumed = _net()
-    log = pretrain_trunk(resumed, images, 1, SETTINGS, device, quiet=True, progress=progress)
+    log = pretrain_trunk(resumed, images, 1, settings, device, quiet=True, progress=progress)
     assert _same_weights(resumed, whole)
     assert not progress.exists() and log["steps"] > 0
+
+
+def test_redrawn_regions_are_new_regions(images, monkeypatch):
+    """With `pretrain_redraw` N every N-th epoch draws new jittered and background regions;
+    with 0 the first draw serves the whole stage."""
+    drawn = []
+    real = train.pretrain_crops
+
+    def recording(*args, **kwargs):
+        crops = real(*args, **kwargs)
+        drawn.append(crops.boxes.clone())
+        return crops
+
+    monkeypatch.setattr(train, "pretrain_crops", recording)
+    for redraw, draws in ((0, 1), (2, 3), (1, 5)):       # 5 epochs: 0 | 0, 2, 4 | each
+        drawn.clear()
+        pretrain_trunk(_net(), images, 1, replace(SETTINGS, pretrain_epochs=5,
+                                                  pretrain_redraw=redraw),
+                       torch.device("cpu"), quiet=True)
+        assert len(drawn) == draws
+    assert not any(len(a) == len(b) and torch.equal(a, b) for a, b in zip(drawn, drawn[1:]))
+
+
+def test_photometric_jitter_changes_each_crop_by_its_own_draw():
+    x = torch.randn(6, 3, 20, 20) * 50
+    x -= x.mean((2, 3), keepdim=True)       # zero channel means: the gains keep them zero
+    assert torch.allclose(train.photometric_jitter(x, 0.0, np.random.default_rng(0)), x,
+                          atol=1e-3)
+    a = train.photometric_jitter(x, 0.6, np.random.default_rng(0))
+    b = train.photometric_jitter(x, 0.6, np.random.default_rng(0))
+    assert torch.equal(a, b) and a.shape == x.shape
+    change = (a - x).abs().mean((1, 2, 3))
+    assert (change > 0.5).all() and len(set(change.tolist())) == len(x)
+    # each channel shifted by at most 0.6 pixel spreads
+    shift = (a - x).mean((2, 3)).abs()
+    assert (shift <= 0.6 * x.std() + 1e-3).all() and (shift > 0).all()
 
 
 def test_a_progress_file_of_other_settings_is_not_resumed(images, tmp_path, monkeypatch):
