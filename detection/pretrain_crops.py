@@ -6,7 +6,8 @@ box for the SPP head (`context_box_side` for the box, `context_margin` of real p
 side). On a small dataset all crops of a draw are cut at once and held in memory as fp16;
 when they would not fit `TrainSettings.pretrain_crop_memory` (VOC2007 with the `paper` preset:
 ~150 000 regions, some 130 GB) only the boxes are kept and each minibatch's crops are cut from
-the images when it is drawn. Both give the same pixels, so training does not depend on which one ran.
+the images when it is drawn. Both give the same pixels, so training does not depend on which
+one ran.
 """
 
 from __future__ import annotations
