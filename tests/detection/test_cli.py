@@ -134,34 +134,37 @@ def test_train_memory_option_sets_both_cache_budgets(drawn_voc, tmp_path, monkey
         assert "--memory" in capsys.readouterr().err
 
 
+def _train_help(capsys) -> str:
+    """`sppnet train --help` as one line of text."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def _assert_rejected(capsys, flag: str, value: str) -> None:
+    """`train` with `flag value` is a usage error (exit 2) that names the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--voc-root", "x", "--split", "t", "--method", "spp", flag, value])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
 def test_pretrain_epochs_help_names_the_defaults_of_train_and_demo(capsys):
     """The help's numbers are the real defaults (the parser avoids importing torch for them)."""
     from detection.demo import DEMO_PRETRAIN_EPOCHS
     from detection.train import TrainSettings
 
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
     assert (f"pre-training epochs (default {TrainSettings.pretrain_epochs}; `sppnet demo` uses "
-            f"{DEMO_PRETRAIN_EPOCHS})") in text
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--voc-root", "x", "--split", "t", "--method", "spp",
-              "--pretrain-epochs", "0"])
-    assert exit_info.value.code == 2
-    assert "--pretrain-epochs" in capsys.readouterr().err
+            f"{DEMO_PRETRAIN_EPOCHS})") in _train_help(capsys)
+    _assert_rejected(capsys, "--pretrain-epochs", "0")
 
 
 def test_pretraining_augmentation_help_and_bounds(capsys):
     from detection.train import TrainSettings
 
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    text = _train_help(capsys)
     assert f"every N epochs (default {TrainSettings.pretrain_redraw}; 0: once)" in text
     assert f"(default {TrainSettings.pretrain_color}; 0: none)" in text
     for flag, bad in (("--pretrain-color", "1"), ("--pretrain-color", "-0.1"),
                       ("--pretrain-redraw", "-1")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["train", "--voc-root", "x", "--split", "t", "--method", "spp", flag, bad])
-        assert exit_info.value.code == 2
-        assert flag in capsys.readouterr().err
+        _assert_rejected(capsys, flag, bad)
