@@ -19,21 +19,18 @@ from data.voc import open_voc
 from detection.model import load_detector
 from detection.pipeline import evaluate_detector, model_path, train_detector
 from detection.presets import get_preset
-from detection.train import TrainSettings
+from detection.train import NO_AUGMENTATION, TrainSettings
 
 DEMO_METHODS = ("spp", "rcnn")
 # the demo pre-trains its trunk for a third of `train`'s default epochs so that it finishes in
 # minutes on a 2-core CPU; its mAPs are those of this shorter schedule (README)
 DEMO_PRETRAIN_EPOCHS = 16
-# the demo's pre-training is not augmented (no new regions, no colour jitter): the schedule its
-# README figures were measured with; `train` augments by default
-DEMO_AUGMENTATION = {"pretrain_redraw": 0, "pretrain_color": 0.0}
 
 
 def demo_settings(seed: int) -> TrainSettings:
     """The training schedule of the demo: `train`'s, with the demo's shorter pre-training and
-    without its augmentation (`DEMO_AUGMENTATION`)."""
-    return TrainSettings(seed=seed, pretrain_epochs=DEMO_PRETRAIN_EPOCHS, **DEMO_AUGMENTATION)
+    without its augmentation (the schedule the README's demo figures were measured with)."""
+    return TrainSettings(seed=seed, pretrain_epochs=DEMO_PRETRAIN_EPOCHS, **NO_AUGMENTATION)
 
 
 def _log(text: str) -> None:

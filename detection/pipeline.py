@@ -74,11 +74,6 @@ def trunk_recipe(settings: TrainSettings, weights: str | None) -> dict:
             **fields}
 
 
-# pre-training settings added after trunks first recorded their recipe, with the values that
-# the earlier versions used: a trunk saved without them was made with these
-LEGACY_RECIPE = {"pretrain_redraw": 0, "pretrain_color": 0.0}
-
-
 def _recipe_change(old: dict, new: dict) -> str:
     """`pretrain_epochs 16 -> 48, ...`: the entries where two recipes differ (only the weights
     when those differ: the pre-training settings of weights loaded from elsewhere mean nothing)."""
@@ -94,7 +89,7 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
     """Stage 1, shared by both methods: load the pre-trained trunk or train and save it. A saved
     trunk is reused when its classes and recipe (`trunk_recipe`) match the run's; one of
     another recipe (say `--pretrain-epochs`) is made again."""
-    from detection.train import pretrain_trunk
+    from detection.train import NO_AUGMENTATION, pretrain_trunk
 
     path = folder / "trunk.pt"
     recipe = trunk_recipe(settings, weights)
@@ -102,7 +97,9 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
         config = load_checkpoint(path)["config"]
         made_with = config.get("recipe")
         if made_with and made_with.get("weights") is None:
-            made_with = {**LEGACY_RECIPE, **made_with}
+            # the augmentation settings came after the first recorded recipes: a trunk saved
+            # without them was pre-trained without augmentation
+            made_with = {**NO_AUGMENTATION, **made_with}
         if config.get("classes") == list(dataset.classes) and made_with in (None, recipe):
             _log(f"trunk: reusing {path}" + ("" if made_with else
                  " (made by an earlier version, which did not record its settings; delete it "
