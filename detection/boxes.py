@@ -26,6 +26,12 @@ def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
 
 
+def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
+    """The boxes `[..., 4]` in the image flipped left to right (`width` pixels wide)."""
+    return torch.stack([width - 1 - boxes[..., 2], boxes[..., 1], width - 1 - boxes[..., 0],
+                        boxes[..., 3]], dim=-1)
+
+
 def box_deltas(proposals: Tensor, targets: Tensor) -> Tensor:
     """Regression targets `[N, 4]` that take each proposal to its target box."""
     px, py, pw, ph = _centre_size(proposals)

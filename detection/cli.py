@@ -99,6 +99,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, pretrain_color=args.pretrain_color)
     if args.memory is not None:
         settings = replace(settings, pretrain_crop_memory=args.memory, conv5_memory=args.memory)
+    if args.no_mirror:
+        if args.method != "spp":
+            raise SppnetError("--no-mirror is an SPP-net ablation: R-CNN always flips its "
+                              "training windows")
+        settings = replace(settings, spp_mirror=False)
     if args.freeze_conv:
         if args.method != "rcnn":
             raise SppnetError("--freeze-conv is an R-CNN ablation: SPP-net's conv layers are "
@@ -370,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "SPP-net's conv5 maps are held in memory up to this and read "
                                 "or cut per step beyond it, with the same results (default: "
                                 "2 for the crops, 4 for the maps)")
+            p.add_argument("--no-mirror", action="store_true",
+                           help="SPP-net ablation: fine-tune on the images as they are, not "
+                                "also flipped left to right (from their own conv5 maps)")
             p.add_argument("--freeze-conv", action="store_true",
                            help="R-CNN ablation: fine-tune fc6, fc7, fc8 only, conv frozen as "
                                 "SPP-net's")

@@ -85,7 +85,8 @@ class Conv5Cache(Sequence[list[Tensor]]):
 
 def build_conv5_cache(compute: Callable[[int], Sequence[Tensor]], image_ids: Sequence[str],
                       folder: Path, scales: int,
-                      memory_gib: float, quiet: bool = False) -> Conv5Cache:
+                      memory_gib: float, quiet: bool = False,
+                      desc: str = "conv5 cache") -> Conv5Cache:
     """Make sure every image has its entry in `folder` (`compute(i)` gives image i's maps when
     it has none) and return the cache, holding images in memory while their maps fit
     `memory_gib`."""
@@ -93,7 +94,7 @@ def build_conv5_cache(compute: Callable[[int], Sequence[Tensor]], image_ids: Seq
     budget = memory_gib * GIB
     used = 0
     paths, held = [], {}
-    bar = tqdm(image_ids, desc="conv5 cache", file=sys.stderr, disable=quiet,
+    bar = tqdm(image_ids, desc=desc, file=sys.stderr, disable=quiet,
                dynamic_ncols=True, leave=False)
     for i, image_id in enumerate(bar):
         path = entry_path(folder, image_id)

@@ -133,7 +133,7 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     from svm.mining import ImageBatch
 
     from detection.bbox_regression import BoxRegressor
-    from detection.train import (cached_conv5, finetune, finetune_iterations,
+    from detection.train import (cached_conv5, conv5_budget, finetune, finetune_iterations,
                                  load_training_images, region_features, trunk_digest)
 
     start = time.perf_counter()
@@ -169,15 +169,20 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     # SPP-net's conv5 maps of every training image, computed or read once for both fits and
     # for the SVM and box-regression windows (the paper's conv5 feature cache)
     choosing = choose_scale and bool(val_images)
-    all_maps, tune_maps = None, None
+    all_maps, tune_maps, all_mirrored, tune_mirrored = None, None, None, None
     if method == "spp":
         all_maps = cached_conv5(net, images, train_scales, preset.max_side, conv_cache, quiet,
-                                settings.conv5_memory)
+                                conv5_budget(settings))
         index_of = {item.image_id: i for i, item in enumerate(images)}
-        tune_maps = all_maps.select([index_of[item.image_id] for item in tune_images])
+        tune_index = [index_of[item.image_id] for item in tune_images]
+        tune_maps = all_maps.select(tune_index)
+        if settings.spp_mirror:
+            all_mirrored = cached_conv5(net, images, train_scales, preset.max_side, conv_cache,
+                                        quiet, conv5_budget(settings), mirrored=True)
+            tune_mirrored = all_mirrored.select(tune_index)
     fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), fit_settings,
                                  device, train_scales, preset.max_side, conv_cache, quiet,
-                                 progress, maps=tune_maps)
+                                 progress, maps=tune_maps, mirrored_maps=tune_mirrored)
     scale_log, choice_log = None, None
     if choosing:
         choice_log = finetune_log
@@ -192,7 +197,7 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         net.spp_fc.load_state_dict(pretrained_head)
         fc8, finetune_log = finetune(net, method, images, len(dataset.classes), settings,
                                      device, train_scales, preset.max_side, conv_cache, quiet,
-                                     progress, maps=all_maps)
+                                     progress, maps=all_maps, mirrored_maps=all_mirrored)
     scales = tuple(scales or preset.scales())
     scorer = scorer or preset.scorer
     detector = Detector(net, method, dataset.classes, preset, tuple(scales), fc8, scorer=scorer)

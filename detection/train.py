@@ -37,6 +37,7 @@ from tqdm import tqdm
 from data.atomic import atomic_write
 from data.images import load_image
 from detection.backbones import DetectorNet, output_side
+from detection.boxes import mirror_boxes
 from detection.conv5_cache import Conv5Cache, build_conv5_cache
 from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps, extract,
                                 spp_from_maps)
@@ -79,6 +80,9 @@ class TrainSettings:
     fg_fraction: float = 0.25
     finetune_lr: float = 1e-3
     weight_decay: float = 1e-4
+    # SPP-net fine-tuning draws each image flipped left to right half the time, pooling from
+    # the conv5 maps of the flipped image (a second conv5 cache), as R-CNN flips its windows
+    spp_mirror: bool = True
     rcnn_freeze_conv: bool = False     # ablation: R-CNN fine-tunes fc6-fc8 only, as SPP-net does
 
 
@@ -310,16 +314,25 @@ def trunk_digest(net: DetectorNet) -> str:
 
 def cached_conv5(net: DetectorNet, images: Sequence[TrainImage], scales: tuple[int, ...],
                  max_side: int, folder: Path, quiet: bool = False,
-                 memory_gib: float = 4.0) -> Conv5Cache:
-    """conv5 maps of every image at every scale, read from `folder` (fp16 `.pt` files, written
-    atomically, so a stopped run resumes) or computed once and stored there; held in memory
-    up to `memory_gib`, the rest read from the files when used (`detection.conv5_cache`)."""
+                 memory_gib: float = 4.0, mirrored: bool = False) -> Conv5Cache:
+    """conv5 maps of every image (flipped left to right when `mirrored`) at every scale, read
+    from `folder` (fp16 `.pt` files, written atomically, so a stopped run resumes) or computed
+    once and stored there; held in memory up to `memory_gib`, the rest read from the files when
+    used (`detection.conv5_cache`)."""
     def compute(i: int) -> list[Tensor]:
+        pixels = images[i].pixels[:, ::-1] if mirrored else images[i].pixels
         with torch.inference_mode():
-            return conv_maps(net, images[i].pixels, scales, max_side).maps
+            return conv_maps(net, pixels, scales, max_side).maps
 
-    return build_conv5_cache(compute, [item.image_id for item in images], folder, len(scales),
-                             memory_gib, quiet)
+    ids = [item.image_id + ("\0mirrored" if mirrored else "") for item in images]
+    return build_conv5_cache(compute, ids, folder, len(scales), memory_gib, quiet,
+                             "conv5 cache (flipped)" if mirrored else "conv5 cache")
+
+
+def conv5_budget(settings: TrainSettings) -> float:
+    """GiB of memory for each of SPP-net's conv5 caches: `conv5_memory`, shared by the maps of
+    the images and of their mirror images when fine-tuning uses both."""
+    return settings.conv5_memory / (2 if settings.spp_mirror else 1)
 
 
 def finetune_iterations(settings: TrainSettings, method: str) -> int:
@@ -332,21 +345,30 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
              settings: TrainSettings, device: torch.device, scales: tuple[int, ...] = (688,),
              max_side: int = 2000, conv_cache: Path | None = None, quiet: bool = False,
              progress: Path | None = None, save_every: int = 100,
-             maps: Sequence[list[Tensor]] | None = None) -> tuple[nn.Linear, dict]:
+             maps: Sequence[list[Tensor]] | None = None,
+             mirrored_maps: Sequence[list[Tensor]] | None = None) -> tuple[nn.Linear, dict]:
     """Stage 2: fine-tune `method`'s head (R-CNN: all layers, or fc6-fc8 only with
     `settings.rcnn_freeze_conv`) with a new (K+1)-way fc8; SPP-net
     pools each window from the conv5 map of the scale that the test would pool it at (the
     paper's rule: the box closest to the target side), the target jittered per image and step.
     Returns fc8 (the softmax scorer) and a log dict. With `progress`, a checkpoint is written
     there every `save_every` iterations and a stopped run goes on from the last one. SPP-net
-    reads `maps` (`cached_conv5` of `images` at `scales`) when given, else the cache."""
+    reads `maps` (`cached_conv5` of `images` at `scales`) when given, else the cache; with
+    `settings.spp_mirror` each image is drawn flipped left to right half the time (as R-CNN
+    flips its windows), pooled from `mirrored_maps` (`cached_conv5(..., mirrored=True)`) or the
+    cache."""
     rng = np.random.default_rng(settings.seed + 1)
     torch.manual_seed(settings.seed + 1)
     fc8 = nn.Linear(net.feature_dim, num_classes + 1).to(device)
     if method == "spp":
         if maps is None:
             maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet,
-                                settings.conv5_memory)
+                                conv5_budget(settings))
+        if not settings.spp_mirror:
+            mirrored_maps = None
+        elif mirrored_maps is None:
+            mirrored_maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet,
+                                         conv5_budget(settings), mirrored=True)
         modules = {"spp_fc": net.spp_fc, "fc8": fc8}
     elif settings.rcnn_freeze_conv:
         modules = {"rcnn_fc": net.rcnn_fc, "fc8": fc8}
@@ -394,10 +416,14 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
                     # each window at the scale where the test pools it (closest to the box
                     # target), the target jittered by up to sqrt(2) either way
                     h, w = item.pixels.shape[:2]
+                    boxes = item.regions.boxes[rows]
+                    source = maps
+                    if mirrored_maps is not None and rng.random() < 0.5:
+                        source, boxes = mirrored_maps, mirror_boxes(boxes, w)
                     conv = ConvMaps([scale_factor(h, w, s, max_side) for s in scales],
-                                    [m.to(device) for m in maps[i]])
+                                    [m.to(device) for m in source[i]])
                     target = box_target_side(net.crop_size) * 2 ** rng.uniform(-0.5, 0.5)
-                    found = box_windows(net, conv, item.regions.boxes[rows], target)
+                    found = box_windows(net, conv, boxes, target)
                     found[:, 0] += len(fmaps)        # the map's index among this step's maps
                     windows.append(found)
                     fmaps.extend(conv.maps)

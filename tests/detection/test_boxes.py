@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from detection.boxes import apply_deltas, box_deltas, pixel_iou
+from detection.boxes import apply_deltas, box_deltas, mirror_boxes, pixel_iou
 
 
 def test_pixel_iou_counts_plus_one():
@@ -26,3 +27,13 @@ def test_deltas_round_trip_and_identity():
     per_class = apply_deltas(p, torch.stack([d, torch.zeros_like(d)], dim=1))   # [N, K, 4]
     assert torch.allclose(per_class[:, 0], t, atol=1e-3)
     assert torch.allclose(per_class[:, 1], p, atol=1e-4)
+
+
+def test_mirror_boxes_frame_the_same_pixels_in_the_flipped_image():
+    image = np.zeros((20, 30))
+    image[4:9, 2:7] = 1                                  # box (2, 4, 6, 8), pixel-inclusive
+    box = torch.tensor([[2.0, 4.0, 6.0, 8.0]])
+    x1, y1, x2, y2 = mirror_boxes(box, 30)[0].int().tolist()
+    assert image[:, ::-1][y1:y2 + 1, x1:x2 + 1].sum() == image.sum() == 25
+    assert (x1, x2) == (23, 27)
+    assert torch.equal(mirror_boxes(mirror_boxes(box, 30), 30), box)

@@ -64,11 +64,13 @@ def test_finetuning_and_region_features_read_streamed_maps_alike(images, tmp_pat
     heads = []
     for memory in (4.0, 0.0):
         net = build_net("zf5_small", None, crop_size=64, seed=0)
-        maps = cached_conv5(net, images, SCALES, 400, tmp_path / "conv5", quiet=True,
-                            memory_gib=memory)
-        assert maps.held == (len(images) if memory else 0)
+        maps, mirrored = (cached_conv5(net, images, SCALES, 400, tmp_path / "conv5",
+                                       quiet=True, memory_gib=memory, mirrored=flip)
+                          for flip in (False, True))
+        assert maps.held == mirrored.held == (len(images) if memory else 0)
         fc8, _ = finetune(net, "spp", images, 1, replace(settings, conv5_memory=memory),
-                          torch.device("cpu"), SCALES, 400, quiet=True, maps=maps)
+                          torch.device("cpu"), SCALES, 400, quiet=True, maps=maps,
+                          mirrored_maps=mirrored)
         extract = ExtractSettings(scales=SCALES, max_side=400, box_target=60.0)
         fc7 = [f for _, _, f in region_features(net.eval(), "spp", images, extract, True,
                                                 cached=(SCALES, maps))]
@@ -77,6 +79,22 @@ def test_finetuning_and_region_features_read_streamed_maps_alike(images, tmp_pat
     assert all(torch.equal(fc_a[k], fc_b[k]) for k in fc_a)
     assert all(torch.equal(fc8_a[k], fc8_b[k]) for k in fc8_a)
     assert all(torch.equal(a, b) for a, b in zip(fc7_a, fc7_b))
+
+
+def test_mirrored_maps_are_the_flipped_images_own_entries(images, tmp_path):
+    """`mirrored=True` stores the conv5 maps of each image flipped left to right (not the
+    flipped maps of the image) beside the image's own entries."""
+    from detection.features import conv_maps
+
+    net = build_net("zf5_small", None, crop_size=64, seed=0).eval()
+    plain = cached_conv5(net, images, SCALES, 400, tmp_path, quiet=True)
+    mirrored = cached_conv5(net, images, SCALES, 400, tmp_path, quiet=True, mirrored=True)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 * len(images)
+    with torch.inference_mode():
+        fresh = conv_maps(net, images[0].pixels[:, ::-1], SCALES, 400).maps
+    for a, b, c in zip(mirrored[0], fresh, plain[0]):
+        assert a.shape == c.shape and torch.allclose(a.float(), b, atol=2e-3 * b.abs().max())
+        assert not torch.allclose(a.float(), c.float().flip(-1), atol=2e-3 * b.abs().max())
 
 
 def test_an_entry_lost_during_training_is_a_one_line_error(tmp_path):

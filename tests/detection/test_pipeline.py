@@ -86,6 +86,13 @@ def test_freeze_conv_is_an_rcnn_ablation_saved_beside_the_rcnn_model(drawn_voc, 
     assert (folder / "rcnn-frozen-conv.pt").is_file() and not (folder / "rcnn.pt").exists()
 
 
+def test_no_mirror_is_an_spp_ablation(drawn_voc, tmp_path, capsys):
+    assert main(["train", "--voc-root", str(drawn_voc), "--split", "test", "--workdir",
+                 str(tmp_path), "--method", "rcnn", "--no-mirror"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--no-mirror" in err and len(err.splitlines()) == 1
+
+
 def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_path, capsys):
     """`--pretrain-epochs` (or another pre-training setting) takes effect in a workdir that holds a
     trunk of other settings; the same settings reuse it; a trunk of an earlier version (no

@@ -190,6 +190,38 @@ def test_spp_finetuning_pools_each_window_at_the_scale_the_test_assigns(images, 
     assert all(2 ** -0.5 <= j <= 2 ** 0.5 for j in jitters) and len(set(jitters)) > 1
 
 
+@pytest.mark.parametrize("mirror", [True, False])
+def test_spp_finetuning_draws_images_flipped_half_the_time(images, tmp_path, monkeypatch,
+                                                           mirror):
+    """With `spp_mirror` a drawn image is flipped about half the time: its windows are pooled
+    from the flipped image's maps, at the boxes mirrored with it; without it never."""
+    from detection.boxes import mirror_boxes
+
+    net = _net()
+    scales = (64, 96)
+    maps, mirrored = (train.cached_conv5(net, images, scales, 400, tmp_path, quiet=True,
+                                         mirrored=flip) for flip in (False, True))
+    owner = {id(m[0]): (i, False) for i, m in enumerate(maps)}
+    owner.update({id(m[0]): (i, True) for i, m in enumerate(mirrored)})
+    calls = []
+    real = train.box_windows
+
+    def recording(net, conv, boxes, box_target=224.0):
+        calls.append((*owner[id(conv.maps[0])], boxes.clone()))
+        return real(net, conv, boxes, box_target)
+
+    monkeypatch.setattr(train, "box_windows", recording)
+    finetune(net, "spp", images, 1, replace(SETTINGS, finetune_iters=20, spp_mirror=mirror),
+             torch.device("cpu"), scales, 400, quiet=True, maps=maps, mirrored_maps=mirrored)
+    flipped = [flip for _, flip, _ in calls]
+    assert len(calls) == 40 and (10 <= sum(flipped) <= 30 if mirror else not any(flipped))
+    for i, flip, boxes in calls:
+        width = images[i].pixels.shape[1]
+        own = mirror_boxes(boxes, width) if flip else boxes      # back to the image's boxes
+        gap = (own[:, None] - images[i].regions.boxes[None]).abs().amax(-1)
+        assert (gap.amin(1) < 1e-3).all()
+
+
 @pytest.mark.parametrize("freeze", [False, True])
 def test_rcnn_freeze_conv_trains_the_fc_layers_only(images, freeze):
     """The R-CNN ablation `rcnn_freeze_conv` leaves the trunk (weights and BatchNorm statistics)
