@@ -4,10 +4,11 @@ stopped run resumes), the paper's cache that lets fine-tuning, the SVMs and box 
 without the conv layers.
 
 The maps of a whole split do not always fit in memory: VOC2007 trainval with the `paper` preset
-at its 5 scales is about 8.6 MB per image, 43 GB in all. `Conv5Cache` therefore keeps the first
-images' maps in memory up to a budget and reads the others from their files when they are
-drawn (one fine-tuning step reads a few images, ~10 ms each); the numbers are the same either
-way, only where they come from differs.
+at its 5 scales is about 8.6 MB per image, 43 GB in all (twice that when fine-tuning also reads
+the maps of the flipped images). `Conv5Cache` therefore keeps the first images' maps in memory
+up to a budget and reads the others from their files when they are drawn (one fine-tuning step
+reads a few images, ~10 ms each); the numbers are the same either way, only where they come
+from differs.
 """
 
 from __future__ import annotations
