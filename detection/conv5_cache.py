@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data.atomic import atomic_write
 from data.errors import SppnetError
+from detection.memory import release_now_and_then
 
 GIB = 1024 ** 3
 
@@ -95,6 +96,7 @@ def build_conv5_cache(compute: Callable[[int], Sequence[Tensor]], image_ids: Seq
     budget = memory_gib * GIB
     used = 0
     paths, held = [], {}
+    computed = 0
     bar = tqdm(image_ids, desc=desc, file=sys.stderr, disable=quiet,
                dynamic_ncols=True, leave=False)
     for i, image_id in enumerate(bar):
@@ -103,6 +105,8 @@ def build_conv5_cache(compute: Callable[[int], Sequence[Tensor]], image_ids: Seq
         if maps is None:
             maps = [m.half().cpu() for m in compute(i)]
             atomic_write(path, lambda f, m=maps: torch.save({"maps": m}, f))
+            computed += 1
+            release_now_and_then(computed)  # the conv's freed buffers, pinned by the held maps
         size = sum(m.numel() * m.element_size() for m in maps)
         if used + size <= budget:
             held[i] = maps

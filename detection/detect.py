@@ -78,6 +78,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from data.errors import ImageLoadError, SppnetError
+from detection.memory import release_now_and_then
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFile", "SkippedFile", "FolderScan", "ImageRecord",
            "DetectRun", "OutputNames", "safe_component", "is_safe_output_name", "is_within",
@@ -733,7 +734,7 @@ def detect_folder(image_dir: Path, out_dir: Path, detector: Any, fingerprint: st
             skipped += [SkippedFile(by_key[error.key].rel, error.reason)
                         for error in run.errors]
             bar.update(len(run.errors))
-            for result in run.results:
+            for done, result in enumerate(run.results, 1):
                 image = by_key[result.key]
                 outcome = _process_image(image, result.boxes, todo_names[image.rel], job)
                 if isinstance(outcome, SkippedFile):
@@ -741,6 +742,7 @@ def detect_folder(image_dir: Path, out_dir: Path, detector: Any, fingerprint: st
                 else:
                     computed[outcome.file] = outcome
                 bar.update(1)
+                release_now_and_then(done)      # images of every size fragment the heap
     finally:
         if bar is not None:
             bar.close()

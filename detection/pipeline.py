@@ -19,6 +19,7 @@ from data.voc import VOCDataset
 from detection.backbones import (DetectorNet, build_net, load_checkpoint, prefer_channels_last,
                                  save_checkpoint)
 from detection.features import ConvMaps, conv_maps
+from detection.memory import release_free_memory, release_now_and_then
 from detection.model import Detector, load_detector
 from detection.presets import Preset
 
@@ -145,6 +146,7 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     if not images:
         raise SppnetError(f"{dataset.root}: no readable training image in split {dataset.split}")
     net, trunk_log = _trunk(dataset, images, preset, folder, settings, device, weights, quiet)
+    release_free_memory()       # each stage below starts from the live data, not the heap's peak
     torch.manual_seed(settings.seed)
     frozen = method == "rcnn" and settings.rcnn_freeze_conv
     what = ("fc6, fc7, fc8 on cached conv5" if method == "spp" else
@@ -180,6 +182,7 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
             all_mirrored = cached_conv5(net, images, train_scales, preset.max_side, conv_cache,
                                         quiet, conv5_budget(settings), mirrored=True)
             tune_mirrored = all_mirrored.select(tune_index)
+        release_free_memory()
     fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), fit_settings,
                                  device, train_scales, preset.max_side, conv_cache, quiet,
                                  progress, maps=tune_maps, mirrored_maps=tune_mirrored)
@@ -188,6 +191,7 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         choice_log = finetune_log
         scales, scale_log = choose_test_scale(net, fc8, dataset, preset, val_images,
                                               train_scales)
+        release_free_memory()
         _log(f"spp: test scales {'+'.join(map(str, scales))} chosen on {len(val_images)} "
              f"validation images ({', '.join(f'{s}: {m:.3f}' for s, m in scale_log.items())} "
              f"mAP)")
@@ -233,6 +237,7 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         for _ in batches():
             pass
     if regressor is not None:
+        release_free_memory()
         regressor.fit()
     detector.box_regressor = regressor
     summary = {"method": method, "dataset": dataset.name, "split": dataset.split,
@@ -282,7 +287,7 @@ def choose_test_scale(net: DetectorNet, fc8, dataset: VOCDataset, preset: Preset
                                   scorer="softmax") for scales in options}
     per_option: dict[tuple, dict] = {scales: {} for scales in options}
     every = sorted({s for scales in options for s in scales})
-    for item in val_images:
+    for done, item in enumerate(val_images, 1):
         proposals = item.regions.boxes[item.regions.gt_class == 0]
         with torch.inference_mode():      # once per image: every option pools from these maps
             conv = conv_maps(net, item.pixels, every, preset.max_side)
@@ -291,6 +296,8 @@ def choose_test_scale(net: DetectorNet, fc8, dataset: VOCDataset, preset: Preset
             own = ConvMaps([conv.factors[k] for k in at], [conv.maps[k] for k in at])
             det = detector.detect_from_maps(item.pixels, proposals, own)
             per_option[scales][item.image_id] = {k: v.cpu().numpy() for k, v in det.items()}
+        del conv
+        release_now_and_then(done, every=4)     # all scales' maps at once: ~50 MB an image
     by_scale = {scales: evaluate_voc(val_set, detections_by_class(
         per_option[scales], dataset.classes))["mAP"] or 0.0 for scales in options}
     best = max(options, key=lambda s: (by_scale[s], -len(s), -abs(s[0] - preset.scale)))
@@ -334,6 +341,7 @@ def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Pa
                                 dataset.classes, out_dir / name)
                 example_files.append(name)
         bar.update(len(images))
+        release_now_and_then(first // group + 1, every=max(1, 16 // group))  # outside the timing
     bar.close()
     dets = detections_by_class(per_image, dataset.classes)
     write_voc_results(out_dir, dataset.split, dets)

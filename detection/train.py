@@ -41,6 +41,7 @@ from detection.boxes import mirror_boxes
 from detection.conv5_cache import Conv5Cache, build_conv5_cache
 from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps, extract,
                                 spp_from_maps)
+from detection.memory import release_now_and_then
 from detection.pretrain_crops import context_margin, pretrain_crops
 from detection.rcnn_warp import warp_images
 from detection.scales import box_target_side, scale_factor
@@ -439,6 +440,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
             bar.set_postfix_str(f"loss {np.mean(losses[-20:]):.3f}")
         if (step + 1) % save_every == 0 and step + 1 < iterations:
             save_progress(progress, key, step + 1, modules, optimizer, rng, losses)
+        release_now_and_then(step + 1, every=100)   # windows of every size fragment the heap
     net.eval()
     if progress is not None:
         progress.unlink(missing_ok=True)
