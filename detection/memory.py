@@ -5,9 +5,9 @@ pre-training) in its heap for reuse, and the tensors kept alive in between (the 
 it there in pieces, so the resident memory of `sppnet train` grew stage by stage although the
 live data did not: on the demo set, computing the flipped images' conv5 maps left 2.30 GB
 resident of which `malloc_trim` gave back 0.81 GB. `release_free_memory` returns such pages
-at the end of a stage, and `release_now_and_then` every few images inside the loops that run
-the conv layers image after image at many sizes; where the C library has no `malloc_trim` (macOS, Windows, musl) it does
-nothing.
+at the end of a stage, and `release_now_and_then` every few images (or steps) inside the loops
+that run the conv layers at many sizes; where the C library has no `malloc_trim` (macOS,
+Windows, musl) both do nothing.
 """
 
 from __future__ import annotations
