@@ -3,11 +3,12 @@
 Every region (a ground-truth object, a jittered copy of one, or a background proposal) is cut
 twice: R-CNN's warp at the net's crop size, and a square crop with real image context around the
 box for the SPP head (`context_box_side` for the box, `context_margin` of real pixels on each
-side). On a small dataset all crops of a draw are cut at once and held in memory as fp16;
-when they would not fit `TrainSettings.pretrain_crop_memory` (VOC2007 with the `paper` preset:
-~150 000 regions, some 130 GB) only the boxes are kept and each minibatch's crops are cut from
-the images when it is drawn. Both give the same pixels, so training does not depend on which
-one ran.
+side). On a small dataset the crops are held in memory as fp16, each cut when first needed: an
+epoch that sees every region once needs only one of its two crops, so a draw used for one epoch
+cuts half of them (`PretrainCrops.cut`). When they would not fit
+`TrainSettings.pretrain_crop_memory` (VOC2007 with the `paper` preset: ~150 000 regions, some
+130 GB) only the boxes are kept and each minibatch's crops are cut from the images when it is
+drawn. Every way gives the same pixels, so training does not depend on which one ran.
 """
 
 from __future__ import annotations
@@ -60,34 +61,26 @@ def jitter_boxes(boxes: Tensor, count: int, rng: np.random.Generator,
 class PretrainCrops:
     """The pre-training regions `[M]` (`labels`, `boxes`, `image_index`) and their two crops,
     fp16-rounded and preprocessed: `batch(idx)` gives `[B, 3, S, S]` R-CNN warps (S: the warp
-    size) or `[B, 3, T, T]` context crops, from memory or cut from the images."""
+    size) or `[B, 3, T, T]` context crops, from memory (cut there when first asked for) or cut
+    from the images."""
 
     def __init__(self, net: DetectorNet, images: Sequence[TrainImage], boxes: Tensor,
                  labels: Tensor, image_index: Tensor, context: float, memory_gib: float,
                  progress: Callable[[Iterable], Iterable] | None = None) -> None:
-        self.net, self.images = net, images
+        self.net, self.images, self.progress = net, images, progress
         self.boxes, self.labels, self.image_index = boxes, labels, image_index
         self.box_side = context_box_side(net.crop_size)
         self.margin = context_margin(self.box_side, context)
         self.context_side = self.box_side + 2 * self.margin
         self.in_memory = self.nbytes() <= memory_gib * GIB
-        self._crops = self._context = None
+        self._crops = self._context = self._ready = None
         if self.in_memory:
-            # the regions of each image are contiguous, in image order; a group of images is cut
-            # in one call, so that the warps of its images run on all of torch's threads
-            ends = torch.bincount(image_index, minlength=len(images)).cumsum(0).tolist()
-            with_regions = [i for i in range(len(images)) if ends[i] > (ends[i - 1] if i else 0)]
-            groups = [with_regions[k:k + CUT_GROUP] for k in range(0, len(with_regions),
-                                                                   CUT_GROUP)]
-            # written into place: a list of parts joined at the end would hold every crop twice
+            # the pages of a crop are touched only when it is cut: a half-cut draw holds half
             self._crops = torch.empty((len(self), 3, net.crop_size, net.crop_size),
                                       dtype=torch.half)
             self._context = torch.empty((len(self), 3, self.context_side, self.context_side),
                                         dtype=torch.half)
-            for group in (progress or (lambda x: x))(groups):
-                first, last = (ends[group[0] - 1] if group[0] else 0), ends[group[-1]]
-                self._crops[first:last], self._context[first:last] = self._cut_images(
-                    group, [torch.arange(ends[i - 1] if i else 0, ends[i]) for i in group])
+            self._ready = torch.zeros((2, len(self)), dtype=torch.bool)   # warp, context
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -95,6 +88,36 @@ class PretrainCrops:
     def nbytes(self) -> int:
         """Bytes that both crops of every region take as fp16."""
         return len(self) * 3 * (self.net.crop_size ** 2 + self.context_side ** 2) * 2
+
+    def cut(self, warps: Tensor, contexts: Tensor) -> None:
+        """Cut into memory the R-CNN warps of the regions `warps` and the context crops of the
+        regions `contexts`, those not there yet. Images are cut in groups of `CUT_GROUP`, so that
+        the warps of a group run on all of torch's threads."""
+        if not self.in_memory:
+            return
+        need = torch.zeros_like(self._ready)
+        need[0, warps], need[1, contexts] = True, True
+        need &= ~self._ready
+        rows_needed = torch.nonzero(need.any(0)).flatten()
+        if len(rows_needed) == 0:
+            return
+        images = self.image_index[rows_needed].unique().tolist()
+        groups = [images[k:k + CUT_GROUP] for k in range(0, len(images), CUT_GROUP)]
+        for group in (self.progress or (lambda x: x))(groups):
+            in_group = torch.isin(self.image_index, torch.tensor(group))
+            with torch.inference_mode():
+                pre = {i: self.net.preprocess(self.images[i].pixels) for i in group}
+                for kind, (store, side, margin) in enumerate((
+                        (self._crops, self.net.crop_size, None),
+                        (self._context, self.context_side, self.margin))):
+                    rows = torch.nonzero(need[kind] & in_group).flatten()   # in image order
+                    if len(rows) == 0:
+                        continue
+                    owner = self.image_index[rows]
+                    pairs = [(pre[i], self.boxes[rows[owner == i]]) for i in group
+                             if bool((owner == i).any())]
+                    store[rows] = warp_images(pairs, side, margin).half().cpu()
+            self._ready[:, in_group] |= need[:, in_group]
 
     def _cut(self, image: int, rows: Tensor, kinds: Sequence[bool] = (False, True)
              ) -> list[Tensor]:
@@ -107,19 +130,12 @@ class PretrainCrops:
                      else warp_regions(pre, boxes, self.net.crop_size)).half().cpu()
                     for context in kinds]
 
-    def _cut_images(self, images: Sequence[int], rows: Sequence[Tensor]) -> list[Tensor]:
-        """Both crops of the regions `rows[k]` of each image `images[k]` (`_cut` of several
-        images at once)."""
-        with torch.inference_mode():
-            pairs = [(self.net.preprocess(self.images[i].pixels), self.boxes[r])
-                     for i, r in zip(images, rows)]
-            return [warp_images(pairs, self.net.crop_size).half().cpu(),
-                    warp_images(pairs, self.context_side, self.margin).half().cpu()]
-
     def batch(self, idx: Tensor, context: bool = False) -> Tensor:
         """The R-CNN warps (or with `context`, the context crops) of the regions `idx`, in that
         order, as fp32 on the CPU."""
         if self.in_memory:
+            none = idx[:0]
+            self.cut(none if context else idx, idx if context else none)
             return (self._context if context else self._crops)[idx].float()
         side = self.context_side if context else self.net.crop_size
         out = torch.empty((len(idx), 3, side, side))

@@ -257,6 +257,11 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
         while len(order) < steps_per_epoch * settings.pretrain_batch:  # a smaller redraw
             order = np.concatenate([order, rng.permutation(len(crops))])
         order = torch.as_tensor(order)
+        # only the crop each region's step reads: half of a draw's crops, when it lasts an epoch
+        used = order[:steps_per_epoch * settings.pretrain_batch].view(steps_per_epoch, -1)
+        context_steps = torch.tensor([sizes[(step + k) % len(sizes)] != size
+                                      for k in range(steps_per_epoch)])
+        crops.cut(used[~context_steps].flatten(), used[context_steps].flatten())
         for k in range(steps_per_epoch):
             idx = order[k * settings.pretrain_batch:(k + 1) * settings.pretrain_batch]
             y = crops.labels[idx].to(device)
@@ -362,6 +367,10 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
     torch.manual_seed(settings.seed + 1)
     fc8 = nn.Linear(net.feature_dim, num_classes + 1).to(device)
     if method == "spp":
+        if conv_cache is None and (maps is None or (settings.spp_mirror and
+                                                    mirrored_maps is None)):
+            raise ValueError("SPP-net's fine-tuning needs conv5 maps: pass maps (and "
+                             "mirrored_maps, with spp_mirror) or a conv_cache folder")
         if maps is None:
             maps = cached_conv5(net, images, scales, max_side, conv_cache, quiet,
                                 conv5_budget(settings))

@@ -97,12 +97,14 @@ def test_finetuning_runs_on_the_gpu(images, tmp_path, method):
     net = build_net("zf5_small", seed=0, crop_size=64).cuda()
     settings = TrainSettings(seed=0, finetune_iters=4, finetune_batch=16, finetune_images=2)
     scales = (96, 160)
-    maps = cached_conv5(net, images, scales, 400, tmp_path / "conv5", quiet=True) \
-        if method == "spp" else None
+    maps = mirrored = None
+    if method == "spp":          # the maps of the images and of their mirror images
+        maps, mirrored = (cached_conv5(net, images, scales, 400, tmp_path / "conv5", quiet=True,
+                                       mirrored=flip) for flip in (False, True))
     head = net.spp_fc if method == "spp" else net.rcnn_fc
     before = [p.detach().clone() for p in head.parameters()]
     fc8, log = finetune(net, method, images, 1, settings, torch.device("cuda"), scales, 400,
-                        quiet=True, maps=maps)
+                        quiet=True, maps=maps, mirrored_maps=mirrored)
     assert next(fc8.parameters()).is_cuda
     assert log["iterations"] == 4 and math.isfinite(log["final_loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, head.parameters()))

@@ -3,6 +3,8 @@ same pixels whether the crops are held in memory or cut per minibatch."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -70,6 +72,27 @@ def test_crops_cut_per_minibatch_equal_the_crops_held_in_memory(draw):
     idx = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:17]
     for context in (False, True):
         assert torch.equal(held.batch(idx, context), cut.batch(idx, context))
+
+
+def test_only_the_crops_asked_for_are_cut_and_they_match_the_per_minibatch_cut(draw):
+    """A draw cuts nothing until a crop is needed; `cut` cuts exactly the crops it is given,
+    across images and out of order, with the pixels of the per-minibatch path."""
+    images = _images(draw)
+    held = pretrain_crops(_net(), images, SETTINGS, np.random.default_rng(2))
+    cut = pretrain_crops(_net(), images, replace(SETTINGS, pretrain_crop_memory=0.0),
+                         np.random.default_rng(2))
+    assert held.in_memory and not held._ready.any()
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(1))
+    warps, contexts = order[:len(held) // 2], order[len(held) // 2:][:5]
+    held.cut(warps, contexts)
+    assert held._ready[0].sum() == len(warps) and held._ready[0, warps].all()
+    assert held._ready[1].sum() == len(contexts) and held._ready[1, contexts].all()
+    assert torch.equal(held._crops[warps].float(), cut.batch(warps))
+    assert torch.equal(held._context[contexts].float(), cut.batch(contexts, True))
+    held.cut(warps, contexts)                       # already there: nothing is cut again
+    assert held._ready.sum() == len(warps) + len(contexts)
+    rest = order[len(held) // 2:]                   # a batch cuts what it lacks
+    assert torch.equal(held.batch(rest, True), cut.batch(rest, True))
 
 
 def test_regions_are_ground_truth_jittered_copies_and_background(draw):

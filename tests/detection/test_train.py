@@ -79,6 +79,28 @@ def test_redrawn_regions_are_new_regions(images, monkeypatch):
     assert not any(len(a) == len(b) and torch.equal(a, b) for a, b in zip(drawn, drawn[1:]))
 
 
+def test_a_draw_for_one_epoch_cuts_one_crop_per_region_seen(images, monkeypatch):
+    """New regions every epoch: each region seen gets the one crop its step reads (the warp or
+    the context crop), not both; a single draw for the stage ends with both for most."""
+    drawn = []
+    real = train.pretrain_crops
+
+    def recording(*args, **kwargs):
+        drawn.append(real(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(train, "pretrain_crops", recording)
+    pretrain_trunk(_net(), images, 1, replace(SETTINGS, pretrain_redraw=1),
+                   torch.device("cpu"), quiet=True)
+    for crops in drawn:
+        per_epoch = len(crops) // SETTINGS.pretrain_batch * SETTINGS.pretrain_batch
+        assert crops._ready.sum() == per_epoch and crops._ready.sum(0).max() == 1
+    drawn.clear()
+    pretrain_trunk(_net(), images, 1, replace(SETTINGS, pretrain_redraw=0, pretrain_epochs=6),
+                   torch.device("cpu"), quiet=True)
+    assert len(drawn) == 1 and (drawn[0]._ready.sum(0) == 2).sum() > len(drawn[0]) // 2
+
+
 def test_photometric_jitter_changes_each_crop_by_its_own_draw():
     x = torch.randn(6, 3, 20, 20) * 50
     x -= x.mean((2, 3), keepdim=True)       # zero channel means: the gains keep them zero
@@ -220,6 +242,19 @@ def test_spp_finetuning_draws_images_flipped_half_the_time(images, tmp_path, mon
         own = mirror_boxes(boxes, width) if flip else boxes      # back to the image's boxes
         gap = (own[:, None] - images[i].regions.boxes[None]).abs().amax(-1)
         assert (gap.amin(1) < 1e-3).all()
+
+
+def test_spp_finetuning_without_maps_or_a_cache_folder_says_what_it_needs(images, tmp_path):
+    """Maps given without their mirror images (and no cache folder to compute them in) is a
+    clear error; with flips off the maps alone are enough."""
+    net = _net()
+    maps = train.cached_conv5(net, images, (64,), 400, tmp_path, quiet=True)
+    with pytest.raises(ValueError, match="mirrored_maps"):
+        finetune(net, "spp", images, 1, replace(SETTINGS, spp_mirror=True),
+                 torch.device("cpu"), (64,), 400, quiet=True, maps=maps)
+    fc8, log = finetune(net, "spp", images, 1, replace(SETTINGS, spp_mirror=False),
+                        torch.device("cpu"), (64,), 400, quiet=True, maps=maps)
+    assert log["iterations"] == SETTINGS.finetune_iters
 
 
 @pytest.mark.parametrize("freeze", [False, True])
