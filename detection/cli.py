@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--finetune-iters", type=positive_int, metavar="N",
                            help="fine-tuning iterations")
             p.add_argument("--pretrain-epochs", type=positive_int, metavar="N",
-                           help="trunk pre-training epochs (default 48; `sppnet demo` "
+                           help="trunk pre-training epochs (default 64; `sppnet demo` "
                                 "uses 16)")
             p.add_argument("--pretrain-redraw", type=non_negative_int, metavar="N",
                            help="draw new jittered and background regions for the trunk's "
