@@ -97,6 +97,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, pretrain_redraw=args.pretrain_redraw)
     if args.pretrain_color is not None:
         settings = replace(settings, pretrain_color=args.pretrain_color)
+    if args.pretrain_precision is not None:
+        if (args.pretrain_precision == "bf16" and device.type == "cuda"
+                and not torch.cuda.is_bf16_supported()):
+            raise SppnetError("--pretrain-precision bf16: this GPU has no bf16 arithmetic "
+                              "(compute capability 8.0 or later has it)")
+        settings = replace(settings, pretrain_precision=args.pretrain_precision)
     if args.memory is not None:
         settings = replace(settings, pretrain_crop_memory=args.memory, conv5_memory=args.memory)
     if args.no_mirror:
@@ -361,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--finetune-iters", type=positive_int, metavar="N",
                            help="fine-tuning iterations")
             p.add_argument("--pretrain-epochs", type=positive_int, metavar="N",
-                           help="trunk pre-training epochs (default 64; `sppnet demo` "
+                           help="trunk pre-training epochs (default 96; `sppnet demo` "
                                 "uses 16)")
             p.add_argument("--pretrain-redraw", type=non_negative_int, metavar="N",
                            help="draw new jittered and background regions for the trunk's "
@@ -370,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="colour jitter of the pre-training crops: saturation and "
                                 "contrast x 1+-S, channels shifted by up to S pixel spreads "
                                 "(default 0.6; 0: none)")
+            p.add_argument("--pretrain-precision", choices=("fp32", "bf16"),
+                           help="number format of the trunk's forward pass in pre-training: "
+                                "bf16 (autocast) is faster on a CPU with native bf16 "
+                                "(AVX512-BF16, AMX); elsewhere it may not be (default fp32)")
             p.add_argument("--memory", type=non_negative_float, metavar="GIB",
                            help="RAM for each training cache: the pre-training crops and "
                                 "SPP-net's conv5 maps are held in memory up to this and read "

@@ -90,7 +90,7 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
     """Stage 1, shared by both methods: load the pre-trained trunk or train and save it. A saved
     trunk is reused when its classes and recipe (`trunk_recipe`) match the run's; one of
     another recipe (say `--pretrain-epochs`) is made again."""
-    from detection.train import NO_AUGMENTATION, pretrain_trunk
+    from detection.train import EARLIER_RECIPE, pretrain_trunk
 
     path = folder / "trunk.pt"
     recipe = trunk_recipe(settings, weights)
@@ -98,9 +98,9 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
         config = load_checkpoint(path)["config"]
         made_with = config.get("recipe")
         if made_with and made_with.get("weights") is None:
-            # the augmentation settings came after the first recorded recipes: a trunk saved
-            # without them was pre-trained without augmentation
-            made_with = {**NO_AUGMENTATION, **made_with}
+            # the augmentation and precision settings came after the first recorded recipes:
+            # a trunk saved without them was pre-trained without augmentation, in fp32
+            made_with = {**EARLIER_RECIPE, **made_with}
         if config.get("classes") == list(dataset.classes) and made_with in (None, recipe):
             _log(f"trunk: reusing {path}" + ("" if made_with else
                  " (made by an earlier version, which did not record its settings; delete it "

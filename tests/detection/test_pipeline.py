@@ -115,9 +115,10 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     assert "trunk: reusing" in train("--pretrain-epochs", "2")
     err = train("--pretrain-epochs", "2", "--seed", "1")
     assert "seed 0 -> 1" in err and "making it again" in err
-    # a recipe saved before the augmentation settings existed: made without augmentation
+    # a recipe saved before the augmentation and precision settings existed: made without
+    # augmentation, in fp32
     config = load_checkpoint(trunk)["config"]
-    for key in ("pretrain_redraw", "pretrain_color"):
+    for key in ("pretrain_redraw", "pretrain_color", "pretrain_precision"):
         del config["recipe"][key]
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
     assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
@@ -125,6 +126,8 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     err = train("--pretrain-epochs", "2", "--seed", "1")
     assert f"pretrain_color 0.0 -> {TrainSettings.pretrain_color}" in err
     assert f"pretrain_redraw 0 -> {TrainSettings.pretrain_redraw}" in err
+    err = train("--pretrain-epochs", "2", "--seed", "1", "--pretrain-precision", "bf16")
+    assert "pretrain_precision fp32 -> bf16" in err and "making it again" in err
     config = load_checkpoint(trunk)["config"]
     del config["recipe"]                                     # as an earlier version saved it
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)

@@ -281,6 +281,24 @@ def test_pretraining_on_crops_cut_per_step_ends_with_the_same_weights(images):
     assert _same_weights(held, streamed)
 
 
+def test_bf16_pretraining_runs_the_trunk_in_bf16_and_keeps_fp32_weights(images):
+    """`pretrain_precision="bf16"`: the trunk's convolutions compute in bf16 (autocast), the
+    weights and what they learn stay fp32, and the trunk is another than fp32's."""
+    fp32, bf16 = _net(), _net()
+    pretrain_trunk(fp32, images, 1, SETTINGS, torch.device("cpu"), quiet=True)
+    seen = set()
+    first_conv = next(m for m in bf16.trunk.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    log = pretrain_trunk(bf16, images, 1, replace(SETTINGS, pretrain_precision="bf16"),
+                         torch.device("cpu"), quiet=True)
+    assert seen == {torch.bfloat16} and np.isfinite(log["final_loss"])
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    assert not _same_weights(fp32, bf16)
+    with pytest.raises(ValueError, match="fp16"):
+        pretrain_trunk(_net(), images, 1, replace(SETTINGS, pretrain_precision="fp16"),
+                       torch.device("cpu"), quiet=True)
+
+
 def test_spp_region_features_from_the_conv5_cache_match_a_fresh_conv_pass(images, tmp_path):
     """SPP-net's SVM and box-regression features read the fp16 conv5 cache of fine-tuning: the
     same rows, and the numbers of a fresh fp32 conv pass up to fp16 rounding of the maps."""
