@@ -376,10 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="colour jitter of the pre-training crops: saturation and "
                                 "contrast x 1+-S, channels shifted by up to S pixel spreads "
                                 "(default 0.6; 0: none)")
-            p.add_argument("--pretrain-precision", choices=("fp32", "bf16"),
+            p.add_argument("--pretrain-precision", choices=("auto", "fp32", "bf16"),
                            help="number format of the trunk's forward pass in pre-training: "
-                                "bf16 (autocast) is faster on a CPU with native bf16 "
-                                "(AVX512-BF16, AMX); elsewhere it may not be (default fp32)")
+                                "bf16 (autocast; weights stay fp32) is faster on a CPU with "
+                                "native bf16 (AVX512-BF16, AMX), elsewhere it may not be; auto: "
+                                "bf16 on such a CPU, fp32 elsewhere, GPUs included (default "
+                                "auto)")
             p.add_argument("--memory", type=non_negative_float, metavar="GIB",
                            help="RAM for each training cache: the pre-training crops and "
                                 "SPP-net's conv5 maps are held in memory up to this and read "

@@ -29,10 +29,10 @@ DEMO_PRETRAIN_EPOCHS = 16
 
 def demo_settings(seed: int) -> TrainSettings:
     """The training schedule of the demo: `train`'s, with the demo's shorter pre-training,
-    without its augmentation and with SPP-net fine-tuned on unflipped images only (the schedule
-    the README's demo figures were measured with)."""
+    without its augmentation, in fp32 on every host, and with SPP-net fine-tuned on unflipped
+    images only (the schedule the README's demo figures were measured with)."""
     return TrainSettings(seed=seed, pretrain_epochs=DEMO_PRETRAIN_EPOCHS, spp_mirror=False,
-                         **NO_AUGMENTATION)
+                         pretrain_precision="fp32", **NO_AUGMENTATION)
 
 
 def _log(text: str) -> None:

@@ -90,9 +90,12 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
     """Stage 1, shared by both methods: load the pre-trained trunk or train and save it. A saved
     trunk is reused when its classes and recipe (`trunk_recipe`) match the run's; one of
     another recipe (say `--pretrain-epochs`) is made again."""
-    from detection.train import EARLIER_RECIPE, pretrain_trunk
+    from detection.train import EARLIER_RECIPE, pretrain_trunk, resolve_pretrain_precision
 
     path = folder / "trunk.pt"
+    # the recipe records the precision pre-training runs in, never "auto"
+    asked = settings.pretrain_precision
+    settings = replace(settings, pretrain_precision=resolve_pretrain_precision(asked, device))
     recipe = trunk_recipe(settings, weights)
     if path.is_file():
         config = load_checkpoint(path)["config"]
@@ -116,7 +119,9 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
         _log(f"trunk: starting from {weights}, no pre-training")
         log = {"weights": str(weights)}
     else:
-        _log("trunk: pre-training on crops of the training split (multi-size, SPP head)")
+        why = f": {asked} on this {device.type.upper()}" if asked == "auto" else ""
+        _log("trunk: pre-training on crops of the training split (multi-size, SPP head, "
+             f"{settings.pretrain_precision}{why})")
         log = pretrain_trunk(net, images, len(dataset.classes), settings, device, quiet,
                              progress=folder / "trunk.progress.pt")
     save_checkpoint(net, path, {"classes": list(dataset.classes), "recipe": recipe, "log": log})

@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -77,9 +77,13 @@ class TrainSettings:
     pretrain_redraw: int = 1
     pretrain_color: float = 0.6
     # number format of the trunk's forward pass in pre-training: "bf16" runs it under autocast
-    # (weights, optimiser and heads stay fp32): faster on a CPU with native bf16 (AVX512-BF16,
-    # AMX). The trunks differ; their mAP: README, "Pre-training in bf16"
-    pretrain_precision: str = "fp32"
+    # (weights, optimiser and heads stay fp32), "auto" (`resolve_pretrain_precision`) bf16 on a
+    # CPU that computes it natively (AVX512-BF16, AMX), fp32 elsewhere. bf16 took 29% and 33%
+    # off the pre-training on the two 2-core hosts measured, which brings SPP-net's train + eval
+    # on the slower one from 33 to 23 minutes, within the real-photo check's 30; on validation
+    # its trunks scored as fp32's for SPP-net and 0.013 below for R-CNN (README, "Pre-training
+    # in bf16")
+    pretrain_precision: str = "auto"
     finetune_iters: int | None = None  # None: 1500 for SPP-net (fc only, cheap), 400 for R-CNN
     scale_choice_fraction: float = 0.2  # SPP-net's fit that ranks test scales: this x iters
     finetune_batch: int = 128
@@ -133,6 +137,30 @@ NO_AUGMENTATION = {"pretrain_redraw": 0, "pretrain_color": 0.0}
 # what a trunk's recorded recipe means by the settings that came after it was saved
 EARLIER_RECIPE = {**NO_AUGMENTATION, "pretrain_precision": "fp32"}
 PRECISIONS = ("fp32", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16; every CPU with AMX has it too).
+    Without it bf16 is converted in software and can be slower than fp32."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)   # private: may go away
+    try:
+        return bool(probe and probe())
+    except Exception:           # a probe that fails answers "no": fp32 is always right
+        return False
+
+
+def resolve_pretrain_precision(precision: str, device: torch.device) -> str:
+    """The number format pre-training runs in: `precision` itself, or for "auto" bf16 on a CPU
+    with native bf16 and fp32 elsewhere. A GPU stays fp32: there bf16 saved no time (pre-training
+    was bound by the CPU's crop cutting) and its R-CNN scored lower on validation."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"pretrain_precision {precision!r}: not one of "
+                         f"{', '.join(PRECISION_CHOICES)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and native_cpu_bf16() else "fp32"
+
 
 # where data is held while training, not what is trained: a run may resume under another budget
 MEMORY_FIELDS = ("pretrain_crop_memory", "conv5_memory")
@@ -230,9 +258,8 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
     tight crops alone, the conv5 cells only ever saw zero padding around an object). With
     `progress`, a checkpoint is written there after every epoch and a stopped run goes on from
     the last one (the file is removed when the stage ends)."""
-    if settings.pretrain_precision not in PRECISIONS:
-        raise ValueError(f"pretrain_precision {settings.pretrain_precision!r}: not one of "
-                         f"{', '.join(PRECISIONS)}")
+    settings = replace(settings, pretrain_precision=resolve_pretrain_precision(
+        settings.pretrain_precision, device))
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
     cut_bar = (lambda it: _progress(it, "pretrain crops", quiet=quiet))

@@ -160,13 +160,13 @@ def test_pretrain_epochs_help_names_the_defaults_of_train_and_demo(capsys):
 
 
 def test_pretraining_augmentation_help_and_bounds(capsys):
-    from detection.train import PRECISIONS, TrainSettings
+    from detection.train import PRECISION_CHOICES, TrainSettings
 
     text = _train_help(capsys)
     assert f"every N epochs (default {TrainSettings.pretrain_redraw}; 0: once)" in text
     assert f"(default {TrainSettings.pretrain_color}; 0: none)" in text
-    assert f"elsewhere it may not be (default {TrainSettings.pretrain_precision})" in text
-    assert "--pretrain-precision {" + ",".join(PRECISIONS) + "}" in text
+    assert f"GPUs included (default {TrainSettings.pretrain_precision})" in text
+    assert "--pretrain-precision {" + ",".join(PRECISION_CHOICES) + "}" in text
     for flag, bad in (("--pretrain-color", "1"), ("--pretrain-color", "-0.1"),
                       ("--pretrain-redraw", "-1"), ("--pretrain-precision", "fp16")):
         _assert_rejected(capsys, flag, bad)

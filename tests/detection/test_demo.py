@@ -32,6 +32,8 @@ def test_the_demo_trains_with_its_shorter_pretraining(tmp_path, monkeypatch):
     assert settings.seed == 5
     assert settings.pretrain_epochs == demo.DEMO_PRETRAIN_EPOCHS < TrainSettings().pretrain_epochs
     assert settings == TrainSettings(seed=5, pretrain_epochs=demo.DEMO_PRETRAIN_EPOCHS,
-                                     pretrain_redraw=0, pretrain_color=0.0, spp_mirror=False)
+                                     pretrain_redraw=0, pretrain_color=0.0, spp_mirror=False,
+                                     pretrain_precision="fp32")
     assert TrainSettings().pretrain_redraw > 0 and TrainSettings().pretrain_color > 0
+    assert TrainSettings().pretrain_precision == "auto"
     assert TrainSettings().spp_mirror

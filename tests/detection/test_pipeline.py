@@ -93,7 +93,8 @@ def test_no_mirror_is_an_spp_ablation(drawn_voc, tmp_path, capsys):
     assert "--no-mirror" in err and len(err.splitlines()) == 1
 
 
-def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_path, capsys):
+def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_path, capsys,
+                                                                 monkeypatch):
     """`--pretrain-epochs` (or another pre-training setting) takes effect in a workdir that holds a
     trunk of other settings; the same settings reuse it; a trunk of an earlier version (no
     recorded recipe) is reused with a note."""
@@ -122,12 +123,23 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
         del config["recipe"][key]
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
     assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
-                                     "--pretrain-redraw", "0", "--pretrain-color", "0")
-    err = train("--pretrain-epochs", "2", "--seed", "1")
+                                     "--pretrain-redraw", "0", "--pretrain-color", "0",
+                                     "--pretrain-precision", "fp32")
+    err = train("--pretrain-epochs", "2", "--seed", "1", "--pretrain-precision", "fp32")
     assert f"pretrain_color 0.0 -> {TrainSettings.pretrain_color}" in err
     assert f"pretrain_redraw 0 -> {TrainSettings.pretrain_redraw}" in err
     err = train("--pretrain-epochs", "2", "--seed", "1", "--pretrain-precision", "bf16")
     assert "pretrain_precision fp32 -> bf16" in err and "making it again" in err
+    # "auto" (the default) records the precision it chose, and the log says why
+    monkeypatch.setattr("detection.train.native_cpu_bf16", lambda: False)
+    err = train("--pretrain-epochs", "2", "--seed", "1")
+    assert "pretrain_precision bf16 -> fp32" in err and "SPP head, fp32: auto on this CPU" in err
+    assert load_checkpoint(trunk)["config"]["recipe"]["pretrain_precision"] == "fp32"
+    monkeypatch.setattr("detection.train.native_cpu_bf16", lambda: True)
+    err = train("--pretrain-epochs", "2", "--seed", "1")
+    assert "pretrain_precision fp32 -> bf16" in err and "SPP head, bf16: auto on this CPU" in err
+    assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
+                                     "--pretrain-precision", "bf16")
     config = load_checkpoint(trunk)["config"]
     del config["recipe"]                                     # as an earlier version saved it
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)

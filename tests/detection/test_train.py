@@ -15,7 +15,7 @@ from detection.train import TrainSettings, finetune, pretrain_trunk
 
 SETTINGS = TrainSettings(seed=3, pretrain_epochs=3, pretrain_jitters=2, pretrain_background=4,
                          pretrain_batch=8, finetune_iters=6, finetune_batch=16,
-                         finetune_images=2)
+                         finetune_images=2, pretrain_precision="fp32")
 
 
 def _net():
@@ -297,6 +297,40 @@ def test_bf16_pretraining_runs_the_trunk_in_bf16_and_keeps_fp32_weights(images):
     with pytest.raises(ValueError, match="fp16"):
         pretrain_trunk(_net(), images, 1, replace(SETTINGS, pretrain_precision="fp16"),
                        torch.device("cpu"), quiet=True)
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch, images):
+    """"auto" (the default): bf16 where the CPU has bf16 arithmetic, fp32 on other CPUs and on
+    GPUs; pre-training under "auto" runs the trunk in what it resolves to."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert TrainSettings().pretrain_precision == "auto"
+    for native in (True, False):
+        monkeypatch.setattr(train, "native_cpu_bf16", lambda: native)
+        assert train.resolve_pretrain_precision("auto", cpu) == ("bf16" if native else "fp32")
+        assert train.resolve_pretrain_precision("auto", gpu) == "fp32"
+        for fixed in ("fp32", "bf16"):
+            assert train.resolve_pretrain_precision(fixed, cpu) == fixed
+        seen = set()
+        net = _net()
+        first_conv = next(m for m in net.trunk.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+        pretrain_trunk(net, images, 1, replace(SETTINGS, pretrain_epochs=1,
+                                                pretrain_precision="auto"), cpu, quiet=True)
+        assert seen == {torch.bfloat16 if native else torch.float32}
+    with pytest.raises(ValueError, match="fp16"):
+        train.resolve_pretrain_precision("fp16", cpu)
+
+
+def test_native_bf16_is_read_from_torchs_cpu_probe_and_a_missing_or_failing_probe_means_no(
+        monkeypatch):
+    def failing():
+        raise RuntimeError("no cpuinfo")
+
+    for probe, expected in ((lambda: True, True), (lambda: False, False), (failing, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", probe, raising=False)
+        assert train.native_cpu_bf16() is expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert train.native_cpu_bf16() is False
 
 
 def test_spp_region_features_from_the_conv5_cache_match_a_fresh_conv_pass(images, tmp_path):
