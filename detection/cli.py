@@ -116,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "always frozen")
         settings = replace(settings, rcnn_freeze_conv=True)
     torch.manual_seed(args.seed)
+    _check_scales_method(args)
     scales = _parse_scales(args.scales, preset)
     path, summary = train_detector(dataset, args.method, preset, args.workdir, settings, device,
                                    scales=scales, weights=args.weights,
@@ -132,10 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from data.voc import open_voc
     from detection.devices import resolve_device
     from detection.evaluate import format_ap_table
-    from detection.model import load_detector
+    from detection.model import describe_inputs, load_detector
     from detection.pipeline import evaluate_detector, model_path
     from detection.presets import get_preset
 
+    _check_scales_method(args)
     device = resolve_device(args.device)
     preset = get_preset(args.preset)
     if args.model:
@@ -161,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 args.jobs, quiet=args.quiet)
     print(format_ap_table(summary["ap"], summary["mAP"],
                           title="AP07" if args.metric == "voc07" else "AP"))
-    print(f"{args.method} ({'+'.join(map(str, detector.scales))} px, {detector.scorer}): "
+    print(f"{args.method} ({describe_inputs(summary)}, {detector.scorer}): "
           f"mAP {summary['mAP']:.3f}; result files, pr_curves.png and report.md in {args.out}")
     _write_json(args.json, summary)
     return 0
@@ -179,6 +181,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{Path(args.workdir) / 'demo' / 'report.md'}")
     _write_json(args.json, summary)
     return 0
+
+
+def _check_scales_method(args: argparse.Namespace) -> None:
+    """`--scales` is SPP-net's: R-CNN warps every region from the original image."""
+    if args.scales and args.method != "spp":
+        raise SppnetError("--scales sets SPP-net's image scales: R-CNN warps every region from "
+                          "the original image")
 
 
 def _parse_scales(text: str | None, preset) -> tuple[int, ...] | None:

@@ -24,6 +24,13 @@ from detection.timing import StageTimer
 MODEL_FORMAT = "sppnet-detector-1"
 
 
+def describe_inputs(summary: dict) -> str:
+    """One phrase for a summary's `scales` / `warp_px`: '96+128 px' or 'regions warped to 99 px'."""
+    if summary.get("warp_px"):
+        return f"regions warped to {summary['warp_px']} px"
+    return f"{'+'.join(map(str, summary.get('scales', [])))} px"
+
+
 def box_target(preset: Preset) -> float:
     """Multi-scale SPP-net pools each box at the scale where it is closest to the trunk's
     training input: 224 px for the paper's ZF-5 (crop 227), the same fraction of the crop for
@@ -46,6 +53,14 @@ class Detector:
     scorer: str = "svm"
     info: dict = field(default_factory=dict)
     speedups: dict = field(default_factory=dict)   # ExtractSettings fields set by a speedup
+
+    @property
+    def inputs(self) -> dict:
+        """What the windows' features are read from, for summaries: SPP-net's image `scales`,
+        or R-CNN's `warp_px` with no scales (it warps every region from the original image)."""
+        if self.method == "spp":
+            return {"scales": list(self.scales)}
+        return {"scales": [], "warp_px": self.net.crop_size}
 
     @property
     def settings(self) -> ExtractSettings:

@@ -246,7 +246,7 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         regressor.fit()
     detector.box_regressor = regressor
     summary = {"method": method, "dataset": dataset.name, "split": dataset.split,
-               "preset": preset.name, "scales": list(scales), "images": len(images),
+               "preset": preset.name, **detector.inputs, "images": len(images),
                "classes": list(dataset.classes), "trunk": trunk_log, "finetune": finetune_log,
                "validation_mAP_by_scale": scale_log, "scale_choice_finetune": choice_log,
                "scorer": scorer, "svm_and_box_seconds": time.perf_counter() - svm_start,
@@ -356,7 +356,7 @@ def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Pa
                             f"{detector.method} on {dataset.name}/{dataset.split}")
     summary = {"method": detector.method, "dataset": dataset.name, "split": dataset.split,
                "metric": metric, "mAP": voc["mAP"], "ap": voc["ap"],
-               "scales": list(detector.scales), "scorer": detector.scorer,
+               **detector.inputs, "scorer": detector.scorer,
                "coco": {k: coco[k] for k in ("AP", "AP50", "AP75")},
                "images": len(per_image),
                "seconds_per_image": float(np.median(seconds)) if seconds else None}

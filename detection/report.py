@@ -132,6 +132,8 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], pr_png: str | 
         facts.append(f"- metric: {summary['metric']}")
     if summary.get("scales"):
         facts.append(f"- scales: {', '.join(str(s) for s in summary['scales'])} px")
+    if summary.get("warp_px"):
+        facts.append(f"- regions warped to {summary['warp_px']}×{summary['warp_px']} px")
     if summary.get("scorer"):
         facts.append(f"- scorer: {summary['scorer']}")
     if summary.get("images") is not None:

@@ -38,7 +38,26 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     assert detector.method == method and detector.classes == ("box",)
     assert (detector.svm is not None) == (method == "rcnn")
     assert summary["scorer"] == ("svm" if method == "rcnn" else "softmax")
-    assert "mAP" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mAP" in printed
+    # R-CNN reads its windows from warps of the original image, SPP-net from its image scales
+    if method == "rcnn":
+        assert summary["scales"] == [] and summary["warp_px"] == detector.net.crop_size
+        assert f"regions warped to {detector.net.crop_size} px" in printed
+        assert f"regions warped to {detector.net.crop_size}×" in (out / "report.md").read_text()
+    else:
+        assert summary["scales"] == list(detector.scales) and "warp_px" not in summary
+        assert f"({'+'.join(map(str, detector.scales))} px, softmax)" in printed
+
+
+def test_scales_is_an_spp_option(drawn_voc, tmp_path, capsys):
+    for command in (["train", "--split", "test"], ["eval", "--split", "test", "--out",
+                                                     str(tmp_path / "out")]):
+        assert main([*command, "--voc-root", str(drawn_voc), "--method", "rcnn", "--scales",
+                     "1", "--workdir", str(tmp_path / "work"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--scales sets SPP-net's image scales" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
 def test_spp_scale_is_chosen_on_held_out_images_then_all_are_trained_on(tmp_path, voc_writer,
