@@ -7,6 +7,10 @@ Used everywhere images are read (training, proposals, `detect` on a folder of re
   frame of a multi-frame file.
 - `read_image_size(path)`: (width, height) as `load_image` would return it, from the header.
 - `is_image_file(path)`: whether Pillow recognises the content (the extension is ignored).
+- `annotated_with_orientation(path, width, height)`: whether an annotation of that size was
+  made on the image as its EXIF orientation shows it, or on the pixels as stored (annotation
+  tools differ: some rotate photos by their EXIF tag, some do not); `load_image(path,
+  exif_orientation=False)` then reads the stored pixels, so that the boxes line up.
 
 Every failure of `load_image` / `read_image_size` is an `ImageLoadError(path, reason)` with a short,
 one-line reason. Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) is respected and
@@ -31,7 +35,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from data.errors import ImageLoadError
 
-__all__ = ["load_image", "read_image_size", "is_image_file"]
+__all__ = ["load_image", "read_image_size", "is_image_file", "annotated_with_orientation"]
 
 # EXIF orientation -> the transpose that undoes it (the table of ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {
@@ -56,10 +60,11 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Public API
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, *, exif_orientation: bool = True) -> np.ndarray:
     """Load an image file as an RGB uint8 array of shape (H, W, 3), C-contiguous.
 
-    EXIF orientation is applied (a broken EXIF block leaves the image un-rotated), transparency
+    EXIF orientation is applied unless `exif_orientation` is False (a broken EXIF block leaves
+    the image un-rotated; Pillow orients TIFF files itself while decoding them), transparency
     is composited over white, 16-bit / 32-bit integer data is scaled by its bit depth and float
     data from [0, 1] or [0, 255]; multi-frame files give their first frame.
 
@@ -80,7 +85,7 @@ def load_image(path: str | Path) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt data
             raise ImageLoadError(path, f"truncated or corrupt image data: {_message(exc)}") \
                 from exc
-        oriented = _apply_exif_orientation(img)
+        oriented = _apply_exif_orientation(img) if exif_orientation else img
         try:
             array = _to_rgb_array(oriented)
         except MemoryError:
@@ -92,19 +97,38 @@ def load_image(path: str | Path) -> np.ndarray:
     return array
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """Return (width, height) of the image as `load_image` would return it (EXIF orientation
-    applied), reading only the header where possible (the pixel data is not decoded, except
+def read_image_size(path: str | Path, *, exif_orientation: bool = True) -> tuple[int, int]:
+    """Return (width, height) of the image as `load_image(path, exif_orientation=...)` would
+    return it, reading only the header where possible (the pixel data is not decoded, except
     for a PNG that stores its EXIF block after the image data).
 
     Raises:
         ImageLoadError: as `load_image`, for every problem visible without decoding the pixels.
     """
     with _opened(path) as img:
+        if not exif_orientation and img.format != "TIFF":
+            return img.size
         width, height = _stored_size(img)
         if _exif_orientation(img, path) in _SWAPS_AXES:
             width, height = height, width
     return int(width), int(height)
+
+
+def annotated_with_orientation(path: str | Path, width: int, height: int) -> bool:
+    """Whether boxes annotated on a `width` x `height` image belong to the image as its EXIF
+    orientation shows it (True), or to its pixels as stored (False): False only when the
+    orientation turns the image by 90 degrees and `width` x `height` is the stored size, not
+    the turned one. True for everything else: no or another orientation (the size cannot tell
+    which was annotated; EXIF is the standard), TIFF (Pillow orients it while decoding), a
+    file that cannot be read (`load_image` reports it)."""
+    try:
+        with _opened(path) as img:
+            if img.format == "TIFF" or _exif_orientation(img, path) not in _SWAPS_AXES:
+                return True
+            stored = _stored_size(img)
+    except ImageLoadError:
+        return True
+    return not (stored == (width, height) and stored[0] != stored[1])
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -55,13 +55,22 @@ class VOCObject:
 
 @dataclass(frozen=True)
 class VOCImage:
-    """One image of a split: its id, file, size and objects (of the dataset's classes only)."""
+    """One image of a split: its id, file, size and objects (of the dataset's classes only), and
+    whether its pixels are read with their EXIF orientation applied (False when the annotation
+    was made on the stored pixels: see `data.images.annotated_with_orientation`)."""
 
     image_id: str
     path: Path
     width: int
     height: int
     objects: tuple[VOCObject, ...]
+    exif_orientation: bool = True
+
+    def load(self) -> np.ndarray:
+        """The image's RGB pixels in the frame its boxes were annotated in."""
+        from data.images import load_image
+
+        return load_image(self.path, exif_orientation=self.exif_orientation)
 
     def boxes(self) -> np.ndarray:
         """All object boxes as a float32 array `[N, 4]`, 0-based xyxy."""
@@ -99,6 +108,10 @@ class VOCDataset:
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._by_id
+
+    def stored_orientation_ids(self) -> frozenset[str]:
+        """Ids of the images whose pixels are read as stored, without their EXIF orientation."""
+        return frozenset(im.image_id for im in self.images if not im.exif_orientation)
 
     @property
     def name(self) -> str:
@@ -289,8 +302,12 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
     """Read split `split` of the VOC-layout `root`.
 
     `classes` restricts and orders the classes (objects of other classes are left out); by default
-    see `discover_classes`. Image sizes come from the annotation, or the image header when absent.
+    see `discover_classes`. Image sizes come from the annotation, or the image header when absent;
+    an annotated size that is the stored one of a photo that EXIF turns by 90 degrees means its
+    boxes belong to the stored pixels, which are then read without the turn.
     """
+    from data.images import annotated_with_orientation, read_image_size
+
     root = resolve_root(root)
     class_list = tuple(classes) if classes else discover_classes(root)
     wanted = set(class_list)
@@ -298,11 +315,11 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
     for image_id in read_split_ids(root, split):
         ann = parse_annotation(root / "Annotations" / f"{image_id}.xml")
         path = find_image_file(root, image_id, ann.filename)
-        width, height = ann.width, ann.height
+        width, height, oriented = ann.width, ann.height, True
         if width <= 0 or height <= 0:
-            from data.images import read_image_size  # only needed for size-less annotations
-
             width, height = read_image_size(path)
+        else:
+            oriented = annotated_with_orientation(path, width, height)
         objects = tuple(o for o in ann.objects if o.name in wanted)
-        images.append(VOCImage(image_id, path, width, height, objects))
+        images.append(VOCImage(image_id, path, width, height, objects, oriented))
     return VOCDataset(root, split, class_list, images)

@@ -275,7 +275,6 @@ def bench_split(dataset, preset, workdir, device: torch.device, images: int,
     import sys
 
     from data.errors import SppnetError
-    from data.images import load_image
     from detection.backbones import build_net
     from detection.pipeline import dataset_proposals
 
@@ -284,7 +283,7 @@ def bench_split(dataset, preset, workdir, device: torch.device, images: int,
     dataset.images = dataset.images[:images]
     boxes, run = dataset_proposals(dataset, workdir, preset.max_proposals, jobs,
                                    progress=progress is not None)
-    loaded = [(im.image_id, load_image(im.path), boxes[im.image_id])
+    loaded = [(im.image_id, im.load(), boxes[im.image_id])
               for im in dataset.images if im.image_id in boxes]
     if not loaded:
         raise SppnetError("no image of the split could be read")

@@ -51,7 +51,8 @@ def dataset_proposals(dataset: VOCDataset, workdir: str | Path, max_proposals: i
     settings = ProposalSettings(max_proposals=max_proposals)
     cache = ProposalCache.for_dataset(workdir, dataset.name, settings)
     run = run_proposals([(im.image_id, im.path) for im in dataset.images], settings, cache,
-                        jobs=jobs, scheduler=scheduler, progress=progress)
+                        jobs=jobs, scheduler=scheduler, progress=progress,
+                        stored_orientation=dataset.stored_orientation_ids())
     for error in run.errors:
         print(f"skipped {error}", file=sys.stderr)
     return {r.key: r.boxes for r in run.results}, run
@@ -316,7 +317,6 @@ def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Pa
     `out_dir`, and return the summary (mAP and per-class AP as fractions)."""
     from tqdm import tqdm
 
-    from data.images import load_image
     from data.results import detections_by_class, write_voc_results
     from detection.evaluate import evaluate_coco, evaluate_voc
     from detection.report import draw_detections, plot_pr_curves, write_report
@@ -332,7 +332,7 @@ def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Pa
                disable=quiet, dynamic_ncols=True, leave=False)
     for first in range(0, len(todo), group):
         images = todo[first:first + group]
-        pixels = [load_image(image.path) for image in images]
+        pixels = [image.load() for image in images]
         start = time.perf_counter()
         dets = detector.detect_many(pixels, [proposals[image.image_id] for image in images])
         seconds += [(time.perf_counter() - start) / len(images)] * len(images)

@@ -35,7 +35,6 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from data.atomic import atomic_write
-from data.images import load_image
 from detection.backbones import DetectorNet, output_side
 from detection.boxes import mirror_boxes
 from detection.conv5_cache import Conv5Cache, build_conv5_cache
@@ -543,9 +542,10 @@ def region_features(net: DetectorNet, method: str, images: Sequence[TrainImage],
 def load_training_images(dataset, proposals: dict[str, np.ndarray],
                          on_error: Callable[[str], None] | None = None) -> list[TrainImage]:
     """The split's images in memory with their labelled regions (images without proposals or
-    that cannot be read are reported and left out). Images whose size differs from their
-    annotation's (a photo annotated without its EXIF rotation, or resized after annotating)
-    are reported once, with a count: their boxes are used as annotated."""
+    that cannot be read are reported and left out). Each is read in the frame its boxes were
+    annotated in (`VOCImage.load`); images whose size still differs from their annotation's
+    (resized after annotating, say) are reported once, with a count: their boxes are used as
+    annotated."""
     from data.errors import ImageLoadError
     from detection.regions import training_objects
 
@@ -554,7 +554,7 @@ def load_training_images(dataset, proposals: dict[str, np.ndarray],
         if image.image_id not in proposals:
             continue
         try:
-            pixels = load_image(image.path)
+            pixels = image.load()
         except ImageLoadError as exc:
             if on_error:
                 on_error(str(exc))
@@ -569,6 +569,6 @@ def load_training_images(dataset, proposals: dict[str, np.ndarray],
         image, width, height = mismatched[0]
         more = f" ({len(mismatched) - 1} more images like it)" if len(mismatched) > 1 else ""
         on_error(f"{image.path}: the annotation says {image.width}x{image.height} but the image "
-                 f"is {width}x{height} (EXIF orientation applied); its boxes are used as "
-                 f"annotated and may not line up{more}")
+                 f"is {width}x{height}; its boxes are used as annotated and may not line "
+                 f"up{more}")
     return out

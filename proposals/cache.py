@@ -9,7 +9,8 @@ Entry format: an uncompressed NumPy `.npz` (a zip of `.npy` arrays, each with a 
 
 - `boxes`: float32 `[N, 4]`, 0-based pixel-inclusive `(x1, y1, x2, y2)`, best ranked first;
 - `meta`:  uint8 `[L]`, UTF-8 JSON with
-  `format` (1), `image_id`, `image_sha256` (of the image file's bytes), `settings_key`,
+  `format` (1), `image_id`, `image_sha256` (of the image file's bytes; `+stored-orientation`
+  appended when the pixels were read without their EXIF orientation), `settings_key`,
   `boxes_sha256` (of `boxes`' raw little-endian bytes), `count` (N), `seconds` (compute time
   measured where the image was processed), `width`, `height` (of the image).
 

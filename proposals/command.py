@@ -73,7 +73,8 @@ def cmd_proposals(args: argparse.Namespace) -> int:
     cache = ProposalCache.for_dataset(args.workdir, dataset.name, settings)
     items = [(im.image_id, im.path) for im in dataset.images]
     run = run_proposals(items, settings, cache, jobs=args.jobs, scheduler=args.scheduler,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress,
+                        stored_orientation=dataset.stored_orientation_ids())
     for error in run.errors:
         print(f"error: {error}", file=sys.stderr)
     if not run.results:

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -126,18 +126,21 @@ def _single_thread() -> None:
     _WORKER_READY = True
 
 
-def compute_one(path: str, settings: ProposalSettings) -> dict[str, Any]:
-    """Selective search on one image file, for a worker: never raises for a bad image.
+def compute_one(path: str, settings: ProposalSettings, exif_orientation: bool = True
+                ) -> dict[str, Any]:
+    """Selective search on one image file (read with its EXIF orientation applied, or as
+    stored), for a worker: never raises for a bad image.
 
     Returns a dict with `boxes` (float32 [N, 4]), `seconds` (decode + search), `width`,
     `height`, `sha256` (of the file bytes that were read), or `error` (a one-line reason).
     Sets this process single-threaded first (it is meant for worker processes).
     """
     _single_thread()
-    return _compute(path, settings)
+    return _compute(path, settings, exif_orientation)
 
 
-def _compute(path: str, settings: ProposalSettings) -> dict[str, Any]:
+def _compute(path: str, settings: ProposalSettings, exif_orientation: bool = True
+             ) -> dict[str, Any]:
     """`compute_one` without touching the process's thread settings."""
     from data.errors import ImageLoadError
     from data.images import load_image
@@ -145,7 +148,7 @@ def _compute(path: str, settings: ProposalSettings) -> dict[str, Any]:
 
     start = time.perf_counter()
     try:
-        image = load_image(path)
+        image = load_image(path, exif_orientation=exif_orientation)
         digest = file_sha256(path)
     except ImageLoadError as exc:
         return {"error": exc.reason}
@@ -189,7 +192,7 @@ def _exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:
 # Backends: each yields (index, result dict) as results complete
 
 
-def _run_inline(todo: list[tuple[int, str]], settings: ProposalSettings
+def _run_inline(todo: list[tuple[int, str, bool]], settings: ProposalSettings
                 ) -> Iterator[tuple[int, dict]]:
     import cv2
 
@@ -199,13 +202,13 @@ def _run_inline(todo: list[tuple[int, str]], settings: ProposalSettings
     cv2.setNumThreads(1)
     check_seeding()
     try:
-        for index, path in todo:
-            yield index, _compute(path, settings)
+        for index, path, oriented in todo:
+            yield index, _compute(path, settings, oriented)
     finally:
         cv2.setNumThreads(threads)
 
 
-def _run_pool(todo: list[tuple[int, str]], settings: ProposalSettings, jobs: int
+def _run_pool(todo: list[tuple[int, str, bool]], settings: ProposalSettings, jobs: int
               ) -> Iterator[tuple[int, dict]]:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -216,7 +219,8 @@ def _run_pool(todo: list[tuple[int, str]], settings: ProposalSettings, jobs: int
     executor = ProcessPoolExecutor(max_workers=jobs, mp_context=context,
                                    initializer=_init_worker, initargs=(os.getpid(),))
     try:
-        futures = {executor.submit(compute_one, path, settings): index for index, path in todo}
+        futures = {executor.submit(compute_one, path, settings, oriented): index
+                   for index, path, oriented in todo}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -232,7 +236,7 @@ def _run_pool(todo: list[tuple[int, str]], settings: ProposalSettings, jobs: int
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_dask(todo: list[tuple[int, str]], settings: ProposalSettings, scheduler: str
+def _run_dask(todo: list[tuple[int, str, bool]], settings: ProposalSettings, scheduler: str
               ) -> Iterator[tuple[int, dict]]:
     try:
         from dask.distributed import Client, as_completed
@@ -245,9 +249,11 @@ def _run_dask(todo: list[tuple[int, str]], settings: ProposalSettings, scheduler
         raise SppnetError(f"cannot connect to the Dask scheduler at {scheduler}: "
                           f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
     try:
-        paths = [path for _, path in todo]
-        futures = client.map(compute_one, paths, settings=settings, pure=False, retries=1)
-        index_of = {future.key: index for future, (index, _) in zip(futures, todo)}
+        paths = [path for _, path, _ in todo]
+        oriented = [flag for _, _, flag in todo]
+        futures = client.map(compute_one, paths, [settings] * len(todo), oriented, pure=False,
+                             retries=1)
+        index_of = {future.key: index for future, (index, _, _) in zip(futures, todo)}
         for future in as_completed(futures, loop=client.loop):
             index = index_of[future.key]
             try:
@@ -267,11 +273,19 @@ def _run_dask(todo: list[tuple[int, str]], settings: ProposalSettings, scheduler
 # The runner
 
 
+def _read_as(sha256: str, exif_orientation: bool) -> str:
+    """The cache's identity of an image: its file's SHA-256, tagged when the pixels are read
+    without their EXIF orientation (other pixels, so other boxes)."""
+    return sha256 if exif_orientation else f"{sha256}+stored-orientation"
+
+
 def run_proposals(items: Sequence[tuple[str, str | Path]], settings: ProposalSettings,
                   cache: ProposalCache | None = None, *, jobs: int | None = None,
-                  scheduler: str | None = None, progress: bool = True) -> ProposalRun:
+                  scheduler: str | None = None, progress: bool = True,
+                  stored_orientation: Collection[str] = ()) -> ProposalRun:
     """Proposals for every `(key, image path)` item: from `cache` when it holds a valid entry
-    (same key, same file bytes, same settings), else computed and written to `cache` at once.
+    (same key, same file bytes read the same way, same settings), else computed and written to
+    `cache` at once.
 
     Args:
         items: unique keys with image paths (any readable image files).
@@ -281,6 +295,8 @@ def run_proposals(items: Sequence[tuple[str, str | Path]], settings: ProposalSet
         scheduler: a Dask scheduler address ("tcp://host:8786"): compute there instead.
         progress: show a tqdm progress bar on stderr (and say at once which images are
             skipped).
+        stored_orientation: keys of images to read without their EXIF orientation (annotated
+            on the stored pixels: `VOCImage.exif_orientation`); the others are read turned.
 
     Returns:
         A `ProposalRun`: results in item order (bad images left out, listed in `errors`).
@@ -296,6 +312,7 @@ def run_proposals(items: Sequence[tuple[str, str | Path]], settings: ProposalSet
     if jobs is not None and jobs < 1:
         raise SppnetError(f"--jobs {jobs}: must be at least 1")
     start = time.perf_counter()
+    stored = frozenset(stored_orientation)
     paths = [Path(p) for _, p in items]
     results: list[ProposalResult | None] = [None] * len(items)
     errors: dict[int, ProposalError] = {}
@@ -315,13 +332,13 @@ def run_proposals(items: Sequence[tuple[str, str | Path]], settings: ProposalSet
                 except OSError:
                     pass  # the worker reports the problem
                 else:
-                    entry = cache.load(key, digest)
+                    entry = cache.load(key, _read_as(digest, key not in stored))
                     if entry is not None:
                         results[index] = ProposalResult(key, path, entry.boxes, entry.seconds,
                                                         entry.width, entry.height, True)
                         bar.update(1)
                         continue
-            todo.append((index, str(path.resolve())))
+            todo.append((index, str(path.resolve()), key not in stored))
 
         if todo and scheduler:
             backend, stream = "dask", _run_dask(todo, settings, scheduler)
@@ -342,8 +359,8 @@ def run_proposals(items: Sequence[tuple[str, str | Path]], settings: ProposalSet
                     tqdm.write(f"skipped {path}: {out['error']}", file=sys.stderr)
             else:
                 if cache is not None:
-                    cache.store(key, out["sha256"], out["boxes"], out["seconds"],
-                                out["width"], out["height"])
+                    cache.store(key, _read_as(out["sha256"], key not in stored),
+                                out["boxes"], out["seconds"], out["width"], out["height"])
                 results[index] = ProposalResult(key, path, out["boxes"], float(out["seconds"]),
                                                 out["width"], out["height"], False)
             bar.update(1)

@@ -150,3 +150,25 @@ def test_duplicate_class_in_list_is_an_error():
 def test_root_not_found(tmp_path):
     with pytest.raises(SppnetError, match="not found"):
         open_voc(tmp_path / "nope", "test")
+
+
+@pytest.mark.parametrize("annotated, turned", [((64, 32), False), ((32, 64), True)])
+def test_exif_turned_photo_is_read_in_the_annotated_frame(tmp_path, voc_writer, annotated,
+                                                          turned):
+    # a phone photo stored 64x32 with EXIF orientation 6 (shown 32x64): tools that ignore the
+    # tag annotate the stored pixels, tools that apply it the turned ones; the annotated size
+    # tells which, and the pixels are read in that frame
+    from PIL import Image
+
+    width, height = annotated
+    root = voc_writer(tmp_path / "r", {"a": (width, height, [("x", (2, 2, 20, 20), 0, 0)])},
+                      {"s": ["a"]})
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 32), (200, 10, 10)).save(root / "JPEGImages" / "a.jpg",
+                                                   exif=exif.tobytes())
+    dataset = open_voc(root, "s")
+    image = dataset["a"]
+    assert image.exif_orientation is turned
+    assert image.load().shape == (height, width, 3)
+    assert dataset.stored_orientation_ids() == (frozenset() if turned else {"a"})

@@ -357,8 +357,8 @@ def test_spp_region_features_from_the_conv5_cache_match_a_fresh_conv_pass(images
 
 
 def test_images_whose_size_differs_from_their_annotation_are_reported_once(tiny_voc):
-    """A photo annotated without its EXIF rotation (or resized after annotating) has boxes in
-    another frame: one line names the first such image and counts the others."""
+    """An image resized after annotating (or whose size is otherwise not the annotation's) has
+    boxes in another frame: one line names the first such image and counts the others."""
     import xml.etree.ElementTree as ET
 
     from data.voc import open_voc

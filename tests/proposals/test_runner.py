@@ -96,3 +96,29 @@ def test_unreachable_scheduler_is_a_user_error(items, monkeypatch):
     monkeypatch.setattr(proposals.runner, "DASK_CONNECT_TIMEOUT", "1s")
     with pytest.raises(SppnetError, match="Dask scheduler"):
         run_proposals(items, SETTINGS, None, scheduler="tcp://127.0.0.1:9", progress=False)
+
+
+def test_stored_orientation_reads_the_stored_pixels_and_caches_apart(drawn_paths, tmp_path):
+    # an EXIF-turned photo: its proposals in the frame asked for, each frame cached on its own
+    from PIL import Image
+
+    from data.images import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "turned.jpg"
+    with Image.open(drawn_paths[0]) as drawn:
+        drawn.save(path, quality=95, exif=exif.tobytes())
+    cache = ProposalCache.for_dataset(tmp_path / "w", "turned", SETTINGS)
+    turned = run_proposals([("a", path)], SETTINGS, cache, jobs=1, progress=False)
+    stored = run_proposals([("a", path)], SETTINGS, cache, jobs=1, progress=False,
+                           stored_orientation={"a"})
+    assert (turned.results[0].width, turned.results[0].height) == (150, 200)
+    assert (stored.results[0].width, stored.results[0].height) == (200, 150)
+    assert stored.computed == 1           # not served the turned frame's boxes
+    np.testing.assert_array_equal(stored.results[0].boxes, selective_search(
+        load_image(path, exif_orientation=False), SETTINGS))
+    again = run_proposals([("a", path)], SETTINGS, cache, jobs=1, progress=False,
+                          stored_orientation={"a"})
+    assert again.cached == 1
+    np.testing.assert_array_equal(again.results[0].boxes, stored.results[0].boxes)
