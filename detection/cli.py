@@ -81,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from detection.devices import resolve_device
     from detection.pipeline import train_detector
     from detection.presets import get_preset
+    from detection.regions import FG_IOU
     from detection.train import TrainSettings
 
     preset = get_preset(args.preset)
@@ -105,6 +106,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, pretrain_precision=args.pretrain_precision)
     if args.memory is not None:
         settings = replace(settings, pretrain_crop_memory=args.memory, conv5_memory=args.memory)
+    if args.finetune_bg_min is not None:
+        if args.finetune_bg_min >= FG_IOU:
+            raise SppnetError(f"--finetune-bg-min {args.finetune_bg_min}: must be below "
+                              f"{FG_IOU}, where windows count as objects")
+        settings = replace(settings, finetune_bg_min=args.finetune_bg_min)
     if args.no_mirror:
         if args.method != "spp":
             raise SppnetError("--no-mirror is an SPP-net ablation: R-CNN always flips its "
@@ -396,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "SPP-net's conv5 maps are held in memory up to this and read "
                                 "or cut per step beyond it, with the same results (default: "
                                 "2 for the crops, 4 for the maps)")
+            p.add_argument("--finetune-bg-min", type=fraction_below_one, metavar="IOU",
+                           help="fine-tuning's background windows: best IoU with the ground "
+                                "truth in [IOU, 0.5) (default 0.1, as SPP-net and Fast R-CNN; "
+                                "R-CNN's paper used 0)")
             p.add_argument("--no-mirror", action="store_true",
                            help="SPP-net ablation: fine-tune on the images as they are, not "
                                 "also flipped left to right (from their own conv5 maps)")

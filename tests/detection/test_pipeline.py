@@ -60,6 +60,15 @@ def test_scales_is_an_spp_option(drawn_voc, tmp_path, capsys):
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
+def test_finetune_bg_min_must_leave_a_background_range(drawn_voc, tmp_path, capsys):
+    assert main(["train", "--split", "test", "--voc-root", str(drawn_voc), "--method", "spp",
+                 "--finetune-bg-min", "0.5", "--workdir", str(tmp_path / "work"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--finetune-bg-min 0.5: must be below 0.5" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "work").exists()
+
+
 def test_spp_scale_is_chosen_on_held_out_images_then_all_are_trained_on(tmp_path, voc_writer,
                                                                        draw):
     from PIL import Image

@@ -271,6 +271,30 @@ def test_rcnn_freeze_conv_trains_the_fc_layers_only(images, freeze):
     assert not all(torch.equal(fc_before[k], v) for k, v in net.rcnn_fc.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["rcnn", "spp"])
+def test_finetuning_draws_background_from_the_set_iou_range(images, tmp_path, monkeypatch,
+                                                           method):
+    """`finetune_bg_min`: background windows with best IoU in [0.1, 0.5) by default (SPP-net's
+    and Fast R-CNN's rule), down to 0 (R-CNN's paper) when set so."""
+    drawn = []
+    real = train.sample_rows
+
+    def recording(regions, *args, **kwargs):
+        rows = real(regions, *args, **kwargs)
+        drawn.extend(regions.best_iou[rows][regions.label[rows] == 0].tolist())
+        return rows
+
+    monkeypatch.setattr(train, "sample_rows", recording)
+    net = _net()
+    for bg_min in (0.1, 0.0):
+        drawn.clear()
+        finetune(net, method, images, 1, replace(SETTINGS, finetune_bg_min=bg_min,
+                                                 finetune_iters=20, spp_mirror=False),
+                 torch.device("cpu"), (64,), 400, conv_cache=tmp_path / "c", quiet=True)
+        assert drawn and max(drawn) < 0.5
+        assert (min(drawn) >= 0.1) == (bg_min == 0.1)
+
+
 def test_pretraining_on_crops_cut_per_step_ends_with_the_same_weights(images):
     """With a memory budget too small for the crops (VOC with the `paper` preset), each
     minibatch is cut from the images when drawn: the training itself is unchanged."""
