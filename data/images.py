@@ -7,10 +7,11 @@ Used everywhere images are read (training, proposals, `detect` on a folder of re
   frame of a multi-frame file.
 - `read_image_size(path)`: (width, height) as `load_image` would return it, from the header.
 - `is_image_file(path)`: whether Pillow recognises the content (the extension is ignored).
-- `annotated_with_orientation(path, width, height)`: whether an annotation of that size was
-  made on the image as its EXIF orientation shows it, or on the pixels as stored (annotation
-  tools differ: some rotate photos by their EXIF tag, some do not); `load_image(path,
-  exif_orientation=False)` then reads the stored pixels, so that the boxes line up.
+- `annotated_frame(path, width, height)`: whether an annotation of that size was made on the
+  image as its EXIF orientation shows it or on the pixels as stored (annotation tools differ:
+  some turn photos by their EXIF tag, some do not), as far as the size tells;
+  `load_image(path, exif_orientation=False)` reads the stored pixels, so that boxes annotated
+  on them line up.
 
 Every failure of `load_image` / `read_image_size` is an `ImageLoadError(path, reason)` with a short,
 one-line reason. Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) is respected and
@@ -28,14 +29,14 @@ import warnings
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Literal
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from data.errors import ImageLoadError
 
-__all__ = ["load_image", "read_image_size", "is_image_file", "annotated_with_orientation"]
+__all__ = ["load_image", "read_image_size", "is_image_file", "annotated_frame"]
 
 # EXIF orientation -> the transpose that undoes it (the table of ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {
@@ -114,21 +115,26 @@ def read_image_size(path: str | Path, *, exif_orientation: bool = True) -> tuple
     return int(width), int(height)
 
 
-def annotated_with_orientation(path: str | Path, width: int, height: int) -> bool:
-    """Whether boxes annotated on a `width` x `height` image belong to the image as its EXIF
-    orientation shows it (True), or to its pixels as stored (False): False only when the
-    orientation turns the image by 90 degrees and `width` x `height` is the stored size, not
-    the turned one. True for everything else: no or another orientation (the size cannot tell
-    which was annotated; EXIF is the standard), TIFF (Pillow orients it while decoding), a
-    file that cannot be read (`load_image` reports it)."""
+def annotated_frame(path: str | Path, width: int, height: int
+                    ) -> Literal["shown", "stored", "same", "unknown"]:
+    """Which pixels boxes annotated on a `width` x `height` image belong to, as far as the sizes
+    tell: "stored" when the EXIF orientation turns the image by 90 degrees and `width` x
+    `height` is the stored size, "shown" when it is the turned size, "same" when there is
+    nothing to tell apart (no orientation; TIFF, which Pillow orients while decoding; a file
+    that cannot be read, which `load_image` reports), "unknown" when the file is oriented but
+    the size cannot tell (a square image, a flip or half turn, a size that is neither frame's)."""
     try:
         with _opened(path) as img:
-            if img.format == "TIFF" or _exif_orientation(img, path) not in _SWAPS_AXES:
-                return True
+            orientation = 1 if img.format == "TIFF" else _exif_orientation(img, path)
             stored = _stored_size(img)
     except ImageLoadError:
-        return True
-    return not (stored == (width, height) and stored[0] != stored[1])
+        return "same"
+    if orientation == 1:
+        return "same"
+    turned = (stored[1], stored[0]) if orientation in _SWAPS_AXES else stored
+    if stored == turned or (width, height) not in (stored, turned):
+        return "unknown"
+    return "shown" if (width, height) == turned else "stored"
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -57,7 +57,7 @@ class VOCObject:
 class VOCImage:
     """One image of a split: its id, file, size and objects (of the dataset's classes only), and
     whether its pixels are read with their EXIF orientation applied (False when the annotation
-    was made on the stored pixels: see `data.images.annotated_with_orientation`)."""
+    was made on the stored pixels: see `data.images.annotated_frame` and `open_voc`)."""
 
     image_id: str
     path: Path
@@ -302,11 +302,13 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
     """Read split `split` of the VOC-layout `root`.
 
     `classes` restricts and orders the classes (objects of other classes are left out); by default
-    see `discover_classes`. Image sizes come from the annotation, or the image header when absent;
-    an annotated size that is the stored one of a photo that EXIF turns by 90 degrees means its
-    boxes belong to the stored pixels, which are then read without the turn.
+    see `discover_classes`. Image sizes come from the annotation, or the image header when absent.
+    An annotated size that is the stored one of a photo that EXIF turns by 90 degrees means its
+    boxes belong to the stored pixels, which are then read without the turn; oriented photos
+    whose size cannot tell (square ones, half turns) follow the split's other oriented photos
+    (one annotation tool made them all), or EXIF when those do not say otherwise.
     """
-    from data.images import annotated_with_orientation, read_image_size
+    from data.images import annotated_frame, read_image_size
 
     root = resolve_root(root)
     class_list = tuple(classes) if classes else discover_classes(root)
@@ -315,11 +317,16 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
     for image_id in read_split_ids(root, split):
         ann = parse_annotation(root / "Annotations" / f"{image_id}.xml")
         path = find_image_file(root, image_id, ann.filename)
-        width, height, oriented = ann.width, ann.height, True
+        width, height, frame = ann.width, ann.height, "same"
         if width <= 0 or height <= 0:
             width, height = read_image_size(path)
         else:
-            oriented = annotated_with_orientation(path, width, height)
+            frame = annotated_frame(path, width, height)
         objects = tuple(o for o in ann.objects if o.name in wanted)
-        images.append(VOCImage(image_id, path, width, height, objects, oriented))
-    return VOCDataset(root, split, class_list, images)
+        images.append((VOCImage(image_id, path, width, height, objects, frame != "stored"),
+                       frame))
+    frames = [frame for _, frame in images]
+    unknown_shown = frames.count("stored") <= frames.count("shown")  # EXIF unless outvoted
+    return VOCDataset(root, split, class_list,
+                      [replace(im, exif_orientation=unknown_shown) if frame == "unknown" else im
+                       for im, frame in images])

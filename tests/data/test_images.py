@@ -14,7 +14,7 @@ from PIL import Image
 
 import data.images as images
 from data.errors import ImageLoadError
-from data.images import annotated_with_orientation, is_image_file, load_image, read_image_size
+from data.images import annotated_frame, is_image_file, load_image, read_image_size
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -447,33 +447,33 @@ def test_stored_pixels_on_request(tmp_path: Path, suffix: str) -> None:
 
 
 @pytest.mark.parametrize("orientation, annotated, expected", [
-    (6, (64, 32), False),   # the stored size: annotated on the stored pixels
-    (8, (64, 32), False),
-    (6, (32, 64), True),    # the turned size: annotated as a viewer shows it
-    (6, (50, 50), True),    # neither (resized after annotating): EXIF, the standard
-    (3, (64, 32), True),    # upside down: the size cannot tell, EXIF
-    (1, (64, 32), True),
+    (6, (64, 32), "stored"),   # the stored size: annotated on the stored pixels
+    (8, (64, 32), "stored"),
+    (6, (32, 64), "shown"),    # the turned size: annotated as a viewer shows it
+    (6, (50, 50), "unknown"),  # neither (resized after annotating)
+    (3, (64, 32), "unknown"),  # upside down: both frames are 64x32
+    (1, (64, 32), "same"),
 ])
-def test_annotated_with_orientation(tmp_path: Path, orientation: int,
-                                    annotated: tuple[int, int], expected: bool) -> None:
+def test_annotated_frame(tmp_path: Path, orientation: int, annotated: tuple[int, int],
+                         expected: str) -> None:
     path = tmp_path / "photo.jpg"
     Image.fromarray(quadrants(64, 32)).save(path, exif=exif_with_orientation(orientation))
-    assert annotated_with_orientation(path, *annotated) is expected
+    assert annotated_frame(path, *annotated) == expected
 
 
-def test_annotated_with_orientation_square_tiff_and_bad_files(tmp_path: Path) -> None:
+def test_annotated_frame_of_square_tiff_and_bad_files(tmp_path: Path) -> None:
     square = tmp_path / "square.jpg"
     Image.fromarray(quadrants(32, 32)).save(square, exif=exif_with_orientation(6))
-    assert annotated_with_orientation(square, 32, 32)          # both frames are 32x32
+    assert annotated_frame(square, 32, 32) == "unknown"        # both frames are 32x32
     tiff = tmp_path / "turned.tif"
     Image.fromarray(quadrants(64, 32)).save(tiff, tiffinfo={0x0112: 6})
-    assert annotated_with_orientation(tiff, 64, 32)            # Pillow turns TIFF itself
+    assert annotated_frame(tiff, 64, 32) == "same"             # Pillow turns TIFF itself
     assert_rgb(load_image(tiff, exif_orientation=False), 32, 64)
     assert read_image_size(tiff, exif_orientation=False) == (32, 64)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
-    assert annotated_with_orientation(broken, 64, 32)          # the loader reports it
-    assert annotated_with_orientation(tmp_path / "missing.jpg", 64, 32)
+    assert annotated_frame(broken, 64, 32) == "same"           # the loader reports it
+    assert annotated_frame(tmp_path / "missing.jpg", 64, 32) == "same"
 
 
 def test_exif_after_image_data_in_png(tmp_path: Path) -> None:

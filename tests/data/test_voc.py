@@ -172,3 +172,26 @@ def test_exif_turned_photo_is_read_in_the_annotated_frame(tmp_path, voc_writer, 
     assert image.exif_orientation is turned
     assert image.load().shape == (height, width, 3)
     assert dataset.stored_orientation_ids() == (frozenset() if turned else {"a"})
+
+
+@pytest.mark.parametrize("frame", ["stored", "shown"])
+def test_photos_the_size_cannot_place_follow_the_splits_other_photos(tmp_path, voc_writer,
+                                                                   frame):
+    # a square photo with EXIF orientation 6 is 32x32 either way: it is read as the split's
+    # photos whose size does tell were annotated; with none of those, as EXIF shows it
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    telling = (64, 32) if frame == "stored" else (32, 64)
+    box = [("x", (2, 2, 20, 20), 0, 0)]
+    root = voc_writer(tmp_path / "r", {"wide": (*telling, box), "square": (32, 32, box),
+                                       "plain": (40, 30, box)},
+                      {"all": ["wide", "square", "plain"], "alone": ["square", "plain"]})
+    for image_id, size in (("wide", (64, 32)), ("square", (32, 32))):
+        Image.new("RGB", size, (9, 99, 199)).save(root / "JPEGImages" / f"{image_id}.jpg",
+                                                  exif=exif.tobytes())
+    dataset = open_voc(root, "all")
+    expected = {"wide", "square"} if frame == "stored" else set()
+    assert dataset.stored_orientation_ids() == expected
+    assert open_voc(root, "alone").stored_orientation_ids() == frozenset()
