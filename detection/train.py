@@ -376,7 +376,10 @@ def cached_conv5(net: DetectorNet, images: Sequence[TrainImage], scales: tuple[i
         with torch.inference_mode():
             return conv_maps(net, pixels, scales, max_side).maps
 
-    ids = [item.image_id + ("\0mirrored" if mirrored else "") for item in images]
+    # keyed by the pixels' size too: an image read in another frame (an EXIF-turned photo
+    # whose annotation names its stored pixels) is not served the turned frame's maps
+    ids = [f"{item.image_id}\0{item.pixels.shape[1]}x{item.pixels.shape[0]}"
+           + ("\0mirrored" if mirrored else "") for item in images]
     return build_conv5_cache(compute, ids, folder, len(scales), memory_gib, quiet,
                              "conv5 cache (flipped)" if mirrored else "conv5 cache")
 

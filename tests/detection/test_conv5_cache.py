@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,18 @@ def test_mirrored_maps_are_the_flipped_images_own_entries(images, tmp_path):
     for a, b, c in zip(mirrored[0], fresh, plain[0]):
         assert a.shape == c.shape and torch.allclose(a.float(), b, atol=2e-3 * b.abs().max())
         assert not torch.allclose(a.float(), c.float().flip(-1), atol=2e-3 * b.abs().max())
+
+
+def test_an_image_read_in_another_frame_gets_its_own_maps(images, tmp_path):
+    """The same image id with its pixels turned by 90 degrees (an EXIF-turned photo now read as
+    stored) is computed anew, never served the other frame's maps."""
+    net = build_net("zf5_small", None, crop_size=64, seed=0).eval()
+    first = cached_conv5(net, images[:1], SCALES, 400, tmp_path, quiet=True)
+    turned = [replace(images[0], pixels=np.ascontiguousarray(np.rot90(images[0].pixels)))]
+    second = cached_conv5(net, turned, SCALES, 400, tmp_path, quiet=True)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    for a, b in zip(first[0], second[0]):
+        assert a.shape[-2:] == b.shape[-2:][::-1]
 
 
 def test_an_entry_lost_during_training_is_a_one_line_error(tmp_path):
