@@ -219,6 +219,12 @@ def test_detect_on_a_folder_of_oddities(trained, tmp_path, capsys):
     third = json.loads(summary_path.read_text())
     assert third["computed"] == 2 and third["reused"] == len(GOOD) - 2
 
+    # one pass instead of the mirror pass is another result: every image is redone
+    assert main([*args, "--quiet", "--no-test-mirror"]) == 0
+    fourth = json.loads(summary_path.read_text())
+    assert fourth["computed"] == len(GOOD) and fourth["reused"] == 0
+    assert json.loads((out / "detections.json").read_text())["info"]["test_mirror"] is False
+
 
 def _classes(model: Path) -> tuple[str, ...]:
     from detection.model import load_detector

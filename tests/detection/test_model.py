@@ -1,9 +1,10 @@
 """`Detector`: detections of several images at once (the `batch` speedup) equal one at a time,
-and a saved detector loads back with the same outputs."""
+a saved detector loads back with the same outputs, and the mirror pass averages the two views."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -42,8 +43,6 @@ def test_detect_many_with_batched_conv_equals_detect(tmp_path):
 def test_detect_from_shared_maps_equals_detect():
     """Maps computed once at a superset of scales give each scale subset what `detect` gives
     (the test-scale choice relies on it)."""
-    import pytest
-
     from detection.features import ConvMaps, conv_maps
 
     base = _detector()
@@ -54,16 +53,84 @@ def test_detect_from_shared_maps_equals_detect():
     every = [96, 160, 240]
     with torch.inference_mode():
         conv = conv_maps(base.net, image, every, base.preset.max_side)
+    with torch.inference_mode():
+        mirrored = conv_maps(base.net, np.ascontiguousarray(image[:, ::-1]), every,
+                             base.preset.max_side)
     for scales in [(160,), (96, 240), (96, 160, 240)]:
-        detector = Detector(base.net, "spp", base.classes, base.preset, scales, base.fc8,
-                            scorer="softmax")
         at = [every.index(s) for s in scales]
         own = ConvMaps([conv.factors[k] for k in at], [conv.maps[k] for k in at])
-        got, want = detector.detect_from_maps(image, boxes, own), detector.detect(image, boxes)
-        assert len(want["scores"]) > 0
-        for key in ("boxes", "labels", "scores"):
-            assert torch.equal(got[key], want[key])
+        own_mirrored = ConvMaps([mirrored.factors[k] for k in at],
+                                [mirrored.maps[k] for k in at])
+        for test_mirror in (False, True):
+            detector = Detector(base.net, "spp", base.classes, base.preset, scales, base.fc8,
+                                scorer="softmax", test_mirror=test_mirror)
+            got = detector.detect_from_maps(image, boxes, own, mirrored_conv=own_mirrored)
+            want = detector.detect(image, boxes)
+            assert len(want["scores"]) > 0
+            for key in ("boxes", "labels", "scores"):
+                assert torch.equal(got[key], want[key])
+    with pytest.raises(ValueError, match="mirror"):     # the mirror pass needs its maps
+        detector.detect_from_maps(image, boxes, conv)
     rcnn = Detector(base.net, "rcnn", base.classes, base.preset, (160,), base.fc8,
                     scorer="softmax")
     with pytest.raises(ValueError):
         rcnn.detect_from_maps(image, boxes, conv)
+
+
+def _sorted(det: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    order = torch.argsort(det["scores"], descending=True)
+    return det["boxes"][order], det["labels"][order], det["scores"][order]
+
+
+def _mirror_det(det: dict, width: int) -> dict:
+    from detection.boxes import mirror_boxes
+
+    return {**det, "boxes": mirror_boxes(det["boxes"], width)}
+
+
+@pytest.mark.parametrize("method", ["spp", "rcnn"])
+def test_the_mirror_pass_sees_an_image_and_its_mirror_alike(method):
+    """With the mirror pass, detecting on the flipped image gives the flipped detections: each
+    box's scores are the mean of the same two views. One pass alone does not (a net's filters
+    are not symmetric), so the check can fail."""
+    from dataclasses import replace
+
+    from detection.boxes import mirror_boxes
+
+    detector = replace(_detector(), method=method)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (120, 170, 3), dtype=np.uint8)
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    boxes = torch.tensor([[5, 5, 80, 90], [40, 30, 150, 110], [0, 0, 169, 119],
+                          [100, 20, 160, 60]], dtype=torch.float32)
+    width = image.shape[1]
+    for test_mirror in (True, False):
+        detector.test_mirror = test_mirror
+        want = _sorted(_mirror_det(detector.detect(image, boxes), width))
+        got = _sorted(detector.detect(flipped, mirror_boxes(boxes, width)))
+        same = (len(got[2]) == len(want[2]) and torch.allclose(got[2], want[2], atol=1e-6)
+                and torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0]))
+        assert same == test_mirror
+
+
+class _ShiftRight:
+    """A stand-in box regressor that moves every box 3 px to the right, for both classes."""
+
+    def predict(self, features, proposals):
+        return (proposals + torch.tensor([3.0, 0.0, 3.0, 0.0]))[:, None].expand(-1, 2, -1)
+
+
+def test_the_mirror_pass_maps_its_regressed_boxes_back():
+    """The mirror image's regressed boxes are flipped back before the mean: a regressor that
+    moves boxes right moves them left in the original image, so the mean stays put."""
+    detector = _detector()
+    detector.box_regressor = _ShiftRight()
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    boxes = torch.tensor([[20, 5, 80, 90], [40, 30, 150, 110]], dtype=torch.float32)
+    for test_mirror, shift in ((True, 0.0), (False, 3.0)):
+        detector.test_mirror = test_mirror
+        det = detector.detect(image, boxes, score_threshold=0.0)
+        assert len(det["boxes"]) > 0
+        moved = boxes + torch.tensor([shift, 0.0, shift, 0.0])
+        assert all(any(torch.allclose(box, m) for m in moved) for box in det["boxes"])

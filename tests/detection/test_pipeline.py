@@ -31,6 +31,7 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert set(summary) >= {"mAP", "ap", "method", "scales"} and summary["method"] == method
     assert 0.0 <= summary["mAP"] <= 1.0 and list(summary["ap"]) == ["box"]
+    assert summary["test_mirror"] is True          # the mirror pass is on by default
     for name in ("comp4_det_test_box.txt", "pr_curves.png", "report.md"):
         assert (out / name).is_file()
     # the detector file loads without unpickling and detects the same
@@ -48,6 +49,9 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     else:
         assert summary["scales"] == list(detector.scales) and "warp_px" not in summary
         assert f"({'+'.join(map(str, detector.scales))} px, softmax)" in printed
+    assert main(["eval", "--split", "test", *common, "--out", str(tmp_path / "one-pass"),
+                 "--no-test-mirror", "--json", str(tmp_path / "one-pass.json")]) == 0
+    assert json.loads((tmp_path / "one-pass.json").read_text())["test_mirror"] is False
 
 
 def test_scales_is_an_spp_option(drawn_voc, tmp_path, capsys):
