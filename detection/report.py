@@ -116,7 +116,8 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], pr_png: str | 
     """Write `out_dir/report.md` (atomically) and return its path.
 
     `summary` holds `method`, `dataset`, `split`, `metric`, `mAP`, `ap` `{class: float | None}`
-    (fractions), and optionally `scales`, `scorer`, `images`, `coco` `{"AP", "AP50", "AP75"}`,
+    (fractions), and optionally `scales`, `scorer`, `test_mirror`, `images`, `coco`
+    `{"AP", "AP50", "AP75"}`,
     `seconds_per_image` (a number, or `{stage: seconds}`). `pr_png` and `examples` are image files,
     relative to `out_dir` (absolute paths are made relative).
     """
@@ -136,6 +137,9 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], pr_png: str | 
         facts.append(f"- regions warped to {summary['warp_px']}×{summary['warp_px']} px")
     if summary.get("scorer"):
         facts.append(f"- scorer: {summary['scorer']}")
+    if summary.get("test_mirror") is not None:
+        facts.append("- each image also run flipped, the two passes averaged"
+                     if summary["test_mirror"] else "- one pass per image (no mirror pass)")
     if summary.get("images") is not None:
         facts.append(f"- images: {summary['images']}")
     facts += _seconds_lines(summary.get("seconds_per_image"))
