@@ -170,7 +170,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 args.jobs, quiet=args.quiet)
     print(format_ap_table(summary["ap"], summary["mAP"],
                           title="AP07" if args.metric == "voc07" else "AP"))
-    print(f"{args.method} ({describe_inputs(summary)}, {detector.scorer}): "
+    passes = ", mirror pass" if detector.test_mirror else ""
+    print(f"{args.method} ({describe_inputs(summary)}, {detector.scorer}{passes}): "
           f"mAP {summary['mAP']:.3f}; result files, pr_curves.png and report.md in {args.out}")
     _write_json(args.json, summary)
     return 0

@@ -97,8 +97,9 @@ class Detector:
                            return_pooled=True)
         mirrored = None
         if self.test_mirror:
-            mirrored = extract(self.net, _mirror_image(image), _mirror_of(boxes, image),
-                               self.method, self.settings, timer, return_pooled=True)
+            flipped = _mirror_of(boxes, image)
+            mirrored = (flipped, *extract(self.net, _mirror_image(image), flipped, self.method,
+                                          self.settings, timer, return_pooled=True))
         return self._detections(image, boxes, features, mirrored, score_threshold)
 
     def detect_many(self, images: list[np.ndarray], proposals: list,
@@ -113,7 +114,9 @@ class Detector:
             views += [_mirror_image(image) for image in images]
             view_boxes += [_mirror_of(b, image) for b, image in zip(boxes, images)]
         features = extract_batch(self.net, views, view_boxes, self.settings, return_pooled=True)
-        mirrored = features[len(images):] if self.test_mirror else [None] * len(images)
+        mirrored = ([(flipped, *pair) for flipped, pair in
+                     zip(view_boxes[len(images):], features[len(images):])]
+                    if self.test_mirror else [None] * len(images))
         return [self._detections(image, b, own, mirror, score_threshold) if len(b)
                 else _no_detections()
                 for image, b, own, mirror in zip(images, boxes, features, mirrored)]
@@ -135,15 +138,16 @@ class Detector:
         features = spp_from_maps(self.net, conv, boxes, self.settings, return_pooled=True)
         mirrored = None
         if self.test_mirror:
-            mirrored = spp_from_maps(self.net, mirrored_conv, _mirror_of(boxes, image),
-                                     self.settings, return_pooled=True)
+            flipped = _mirror_of(boxes, image)
+            mirrored = (flipped, *spp_from_maps(self.net, mirrored_conv, flipped, self.settings,
+                                                return_pooled=True))
         return self._detections(image, boxes, features, mirrored, score_threshold)
 
     def _detections(self, image: np.ndarray, boxes: Tensor, features: tuple[Tensor, Tensor],
-                    mirrored: tuple[Tensor, Tensor] | None, score_threshold: float | None
-                    ) -> dict:
+                    mirrored: tuple[Tensor, Tensor, Tensor] | None,
+                    score_threshold: float | None) -> dict:
         """Scores and boxes from one pass's `(pooled, fc7)`, or the mean of two when the
-        mirror image's pass is given, then per-class NMS."""
+        mirror image's pass `(mirrored boxes, pooled, fc7)` is given, then per-class NMS."""
         height, width = image.shape[:2]
         pooled, fc7 = features
         scores = self.scores(fc7)
@@ -151,10 +155,9 @@ class Detector:
         if self.box_regressor is not None:
             per_class = self.box_regressor.predict(pooled.cpu(), boxes)
         if mirrored is not None:
-            mirror_pooled, mirror_fc7 = mirrored
+            flipped, mirror_pooled, mirror_fc7 = mirrored
             scores = (scores + self.scores(mirror_fc7)) / 2
             if self.box_regressor is not None:
-                flipped = mirror_boxes(boxes, width)
                 from_mirror = self.box_regressor.predict(mirror_pooled.cpu(), flipped)
                 per_class = (per_class + mirror_boxes(from_mirror, width)) / 2
         if self.box_regressor is not None:

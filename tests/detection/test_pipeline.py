@@ -48,10 +48,11 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
         assert f"regions warped to {detector.net.crop_size}×" in (out / "report.md").read_text()
     else:
         assert summary["scales"] == list(detector.scales) and "warp_px" not in summary
-        assert f"({'+'.join(map(str, detector.scales))} px, softmax)" in printed
+        assert f"({'+'.join(map(str, detector.scales))} px, softmax, mirror pass)" in printed
     assert main(["eval", "--split", "test", *common, "--out", str(tmp_path / "one-pass"),
                  "--no-test-mirror", "--json", str(tmp_path / "one-pass.json")]) == 0
     assert json.loads((tmp_path / "one-pass.json").read_text())["test_mirror"] is False
+    assert "mirror pass" not in capsys.readouterr().out
 
 
 def test_scales_is_an_spp_option(drawn_voc, tmp_path, capsys):
