@@ -414,7 +414,7 @@ def variant_map_deltas(workdir: str | Path, variants: Sequence[str], device: tor
                        progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """mAP of the SPP-net model that `sppnet demo` trained in `workdir` on the demo's test split
     with each variant's switches, minus its plain mAP (fractions); one pass per image, without
-    the mirror image's, as the variants are timed."""
+    the mirror image's, and no box voting, as the variants are timed and as the papers."""
     from data.errors import SppnetError
     from data.voc import open_voc
     from detection.model import load_detector
@@ -434,7 +434,8 @@ def variant_map_deltas(workdir: str | Path, variants: Sequence[str], device: tor
         raise SppnetError(f"{path}: no trained demo SPP-net model (run `sppnet demo --workdir "
                           f"{workdir}` first)")
     detector = load_detector(path, device)
-    detector.test_mirror = False      # one pass, as the variants are timed
+    detector.test_mirror = False      # one pass, as the variants are timed, and as the papers
+    detector.box_voting = False
     out_root = workdir / "bench-variants"
 
     def mean_ap(name: str, det) -> float:

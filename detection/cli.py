@@ -165,12 +165,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.scorer:
         detector.scorer = args.scorer
     detector.test_mirror = not args.no_test_mirror
+    detector.box_voting = not args.no_box_voting
     dataset = open_voc(args.voc_root, args.split, detector.classes)
     summary = evaluate_detector(detector, dataset, args.workdir, args.out, args.metric,
                                 args.jobs, quiet=args.quiet)
     print(format_ap_table(summary["ap"], summary["mAP"],
                           title="AP07" if args.metric == "voc07" else "AP"))
-    passes = ", mirror pass" if detector.test_mirror else ""
+    passes = ((", mirror pass" if detector.test_mirror else "")
+              + (", box voting" if detector.box_voting else ""))
     print(f"{args.method} ({describe_inputs(summary)}, {detector.scorer}{passes}): "
           f"mAP {summary['mAP']:.3f}; result files, pr_curves.png and report.md in {args.out}")
     _write_json(args.json, summary)
@@ -259,14 +261,19 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return run_detect_command(args.dir, args.out, model=args.model, workdir=args.workdir,
                               method=args.method, score_threshold=args.score_threshold,
                               device=args.device, jobs=args.jobs, json_path=args.json,
-                              quiet=args.quiet, test_mirror=not args.no_test_mirror)
+                              quiet=args.quiet, test_mirror=not args.no_test_mirror,
+                              box_voting=not args.no_box_voting)
 
 
-def _add_no_test_mirror(p: argparse.ArgumentParser) -> None:
+def _add_test_pass_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-test-mirror", action="store_true",
                    help="score each image in one pass, as both papers did, not also flipped "
                         "left to right with the two passes' scores and boxes averaged (half "
                         "the time, lower mAP)")
+    p.add_argument("--no-box-voting", action="store_true",
+                   help="keep each box where NMS left it, as both papers did, instead of "
+                        "moving it to the score-weighted mean of its class's boxes overlapping "
+                        "it at IoU 0.5 or more")
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -430,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--scorer", choices=("svm", "softmax"),
                            help="score with the SVMs or the fine-tuned softmax (default: the "
                                 "one the model was trained for)")
-            _add_no_test_mirror(p)
+            _add_test_pass_options(p)
 
     p = sub.add_parser(
         "detect", help="detect objects in every image under a folder",
@@ -453,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, metavar="T",
                    help="keep detections scoring above T (default: the confident ones, an "
                         "SVM margin above 0 or a softmax probability above 0.5)")
-    _add_no_test_mirror(p)
+    _add_test_pass_options(p)
     _add_run_options(p)
     _add_json(p)
     p.set_defaults(func=cmd_detect)

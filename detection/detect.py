@@ -22,7 +22,7 @@ What it writes, all in OUT (every file atomically: temporary file + rename)
 - `detections.json`: a COCO-format document (what pycocotools' `COCO(path)` loads, and the
   detections in the COCO *results* format):
       {"info": {"description", "format", "model", "method", "scorer", "score_threshold",
-                "test_mirror", "folder"},
+                "test_mirror", "box_voting", "folder"},
        "images": [{"id", "file_name" (relative to DIR), "width", "height", "annotated"}],
        "categories": [{"id", "name"}],
        "annotations": [{"id", "image_id", "category_id", "bbox": [x, y, w, h], "area",
@@ -526,15 +526,16 @@ def load_records(records_dir: Path, classes: int) -> dict[str, ImageRecord]:
     return records
 
 
-def model_fingerprint(model_path: str | Path, scorer: str,
-                      score_threshold: float | None, test_mirror: bool = True) -> str:
+def model_fingerprint(model_path: str | Path, scorer: str, score_threshold: float | None,
+                      test_mirror: bool = True, box_voting: bool = True) -> str:
     """What a record depends on besides the image: the model file's bytes, the scorer, the
-    threshold and the mirror pass (a record made with other ones is recomputed)."""
+    threshold, the mirror pass and box voting (a record made with other ones is recomputed)."""
     from proposals.cache import file_sha256
 
     text = json.dumps({"format": FORMAT, "model_sha256": file_sha256(model_path),
                        "scorer": scorer, "score_threshold": score_threshold,
-                       "test_mirror": test_mirror}, sort_keys=True)
+                       "test_mirror": test_mirror, "box_voting": box_voting},
+                      sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -824,7 +825,7 @@ def _printable(name: str) -> str:
 def run_detect_command(image_dir: str, out: str, *, model: str | None, workdir: str,
                        method: str | None, score_threshold: float | None, device: str | None,
                        jobs: int | None, json_path: str | None, quiet: bool,
-                       test_mirror: bool = True) -> int:
+                       test_mirror: bool = True, box_voting: bool = True) -> int:
     """`sppnet detect`: check the arguments, find and load the model, run, write the outputs and
     the summary, print one closing line. Returns 0; `SppnetError` for wrong arguments, no
     model, or when no image could be read (after writing the outputs and the summary)."""
@@ -841,6 +842,7 @@ def run_detect_command(image_dir: str, out: str, *, model: str | None, workdir: 
     if method is not None and detector.method != method:
         raise SppnetError(f"{model_path}: a {detector.method} model, not {method}")
     detector.test_mirror = test_mirror
+    detector.box_voting = box_voting
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -848,13 +850,14 @@ def run_detect_command(image_dir: str, out: str, *, model: str | None, workdir: 
 
     if score_threshold is None:       # a user wants the confident detections, not AP's tail
         score_threshold = CONFIDENT_SCORE.get(detector.scorer, 0.0)
-    fingerprint = model_fingerprint(model_path, detector.scorer, score_threshold, test_mirror)
+    fingerprint = model_fingerprint(model_path, detector.scorer, score_threshold, test_mirror,
+                                    box_voting)
     run = detect_folder(root, out_dir, detector, fingerprint, score_threshold=score_threshold,
                         jobs=jobs, progress=not quiet)
     info = {"description": "sppnet detect", "format": FORMAT, "model": str(model_path),
             "method": detector.method, "scorer": detector.scorer,
             "score_threshold": score_threshold, "test_mirror": test_mirror,
-            "folder": str(root)}
+            "box_voting": box_voting, "folder": str(root)}
     write_outputs(out_dir, run, detector.classes, info)
     summary = summary_of(run, out_dir, model_path, detector.method)
     if json_path:

@@ -17,7 +17,7 @@ from data.errors import SppnetError
 from detection.backbones import DetectorNet, load_checkpoint, prefer_channels_last
 from detection.boxes import mirror_boxes
 from detection.features import ConvMaps, ExtractSettings, extract, extract_batch, spp_from_maps
-from detection.postprocess import clip_boxes, detections_from_scores
+from detection.postprocess import VOTE_IOU, clip_boxes, detections_from_scores
 from detection.presets import Preset
 from detection.scales import box_target_side
 from detection.timing import StageTimer
@@ -48,7 +48,13 @@ class Detector:
     are the mean of the two passes. Both methods fine-tune on flipped images too, so the two
     passes are two views the net was trained for; on validation images no trunk saw the mean
     lifted SPP-net by 0.033 mAP and R-CNN by 0.009 (README, "Mirrored test pass"), for twice
-    the test-time work."""
+    the test-time work.
+
+    `box_voting` (on by default, also beyond both papers): after NMS each kept box moves to the
+    score-weighted mean of its class's candidates overlapping it at IoU >= 0.5
+    (`postprocess.vote_boxes`); scores and the set of detections stay as NMS left them. On
+    validation images no trunk saw it lifted both methods by 0.011 mAP and COCO's AP by 0.08
+    (SPP-net) and 0.03 (R-CNN) in the mean (README, "Box voting")."""
 
     net: DetectorNet
     method: str
@@ -62,14 +68,16 @@ class Detector:
     info: dict = field(default_factory=dict)
     speedups: dict = field(default_factory=dict)   # ExtractSettings fields set by a speedup
     test_mirror: bool = True
+    box_voting: bool = True
 
     @property
     def inputs(self) -> dict:
         """What the windows' features are read from, for summaries: SPP-net's image `scales`,
         or R-CNN's `warp_px` with no scales (it warps every region from the original image)."""
+        passes = {"test_mirror": self.test_mirror, "box_voting": self.box_voting}
         if self.method == "spp":
-            return {"scales": list(self.scales), "test_mirror": self.test_mirror}
-        return {"scales": [], "warp_px": self.net.crop_size, "test_mirror": self.test_mirror}
+            return {"scales": list(self.scales), **passes}
+        return {"scales": [], "warp_px": self.net.crop_size, **passes}
 
     @property
     def settings(self) -> ExtractSettings:
@@ -147,7 +155,8 @@ class Detector:
                     mirrored: tuple[Tensor, Tensor, Tensor] | None,
                     score_threshold: float | None) -> dict:
         """Scores and boxes from one pass's `(pooled, fc7)`, or the mean of two when the
-        mirror image's pass `(mirrored boxes, pooled, fc7)` is given, then per-class NMS."""
+        mirror image's pass `(mirrored boxes, pooled, fc7)` is given, then per-class NMS (and
+        box voting when it is on)."""
         height, width = image.shape[:2]
         pooled, fc7 = features
         scores = self.scores(fc7)
@@ -164,7 +173,8 @@ class Detector:
             per_class = clip_boxes(per_class, width, height)
         if score_threshold is None:
             score_threshold = -float("inf") if self.scorer == "svm" else 1e-3
-        return detections_from_scores(per_class, scores, score_threshold)
+        return detections_from_scores(per_class, scores, score_threshold,
+                                      vote_iou=VOTE_IOU if self.box_voting else None)
 
     def save(self, path: str | Path) -> Path:
         """Write the detector (atomically)."""

@@ -116,10 +116,10 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], pr_png: str | 
     """Write `out_dir/report.md` (atomically) and return its path.
 
     `summary` holds `method`, `dataset`, `split`, `metric`, `mAP`, `ap` `{class: float | None}`
-    (fractions), and optionally `scales`, `scorer`, `test_mirror`, `images`, `coco`
-    `{"AP", "AP50", "AP75"}`,
-    `seconds_per_image` (a number, or `{stage: seconds}`). `pr_png` and `examples` are image files,
-    relative to `out_dir` (absolute paths are made relative).
+    (fractions), and optionally `scales`, `scorer`, `test_mirror`, `box_voting`, `images`,
+    `coco` `{"AP", "AP50", "AP75"}`, `seconds_per_image` (a number, or `{stage: seconds}`).
+    `pr_png` and `examples` are image files, relative to `out_dir` (absolute paths are made
+    relative).
     """
     out_dir = Path(out_dir)
     method = summary.get("method", "detector")
@@ -140,6 +140,9 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], pr_png: str | 
     if summary.get("test_mirror") is not None:
         facts.append("- each image also run flipped, the two passes averaged"
                      if summary["test_mirror"] else "- one pass per image (no mirror pass)")
+    if summary.get("box_voting") is not None:
+        facts.append("- box voting: each kept box moved to its cluster's score-weighted mean"
+                     if summary["box_voting"] else "- no box voting (boxes as NMS kept them)")
     if summary.get("images") is not None:
         facts.append(f"- images: {summary['images']}")
     facts += _seconds_lines(summary.get("seconds_per_image"))

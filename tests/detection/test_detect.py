@@ -224,6 +224,12 @@ def test_detect_on_a_folder_of_oddities(trained, tmp_path, capsys):
     fourth = json.loads(summary_path.read_text())
     assert fourth["computed"] == len(GOOD) and fourth["reused"] == 0
     assert json.loads((out / "detections.json").read_text())["info"]["test_mirror"] is False
+    # and so is keeping the boxes where NMS left them
+    assert main([*args, "--quiet", "--no-test-mirror", "--no-box-voting"]) == 0
+    fifth = json.loads(summary_path.read_text())
+    assert fifth["computed"] == len(GOOD) and fifth["reused"] == 0
+    info = json.loads((out / "detections.json").read_text())["info"]
+    assert info["box_voting"] is False and info["test_mirror"] is False
 
 
 def _classes(model: Path) -> tuple[str, ...]:

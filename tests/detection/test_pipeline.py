@@ -32,6 +32,7 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     assert set(summary) >= {"mAP", "ap", "method", "scales"} and summary["method"] == method
     assert 0.0 <= summary["mAP"] <= 1.0 and list(summary["ap"]) == ["box"]
     assert summary["test_mirror"] is True          # the mirror pass is on by default
+    assert summary["box_voting"] is True           # and so is box voting
     for name in ("comp4_det_test_box.txt", "pr_curves.png", "report.md"):
         assert (out / name).is_file()
     # the detector file loads without unpickling and detects the same
@@ -48,11 +49,16 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
         assert f"regions warped to {detector.net.crop_size}×" in (out / "report.md").read_text()
     else:
         assert summary["scales"] == list(detector.scales) and "warp_px" not in summary
-        assert f"({'+'.join(map(str, detector.scales))} px, softmax, mirror pass)" in printed
+        assert (f"({'+'.join(map(str, detector.scales))} px, softmax, mirror pass, "
+                f"box voting)") in printed
     assert main(["eval", "--split", "test", *common, "--out", str(tmp_path / "one-pass"),
-                 "--no-test-mirror", "--json", str(tmp_path / "one-pass.json")]) == 0
-    assert json.loads((tmp_path / "one-pass.json").read_text())["test_mirror"] is False
-    assert "mirror pass" not in capsys.readouterr().out
+                 "--no-test-mirror", "--no-box-voting",
+                 "--json", str(tmp_path / "one-pass.json")]) == 0
+    one_pass = json.loads((tmp_path / "one-pass.json").read_text())
+    assert one_pass["test_mirror"] is False and one_pass["box_voting"] is False
+    printed = capsys.readouterr().out
+    assert "mirror pass" not in printed and "box voting" not in printed
+    assert "no box voting" in (tmp_path / "one-pass" / "report.md").read_text()
 
 
 def test_scales_is_an_spp_option(drawn_voc, tmp_path, capsys):

@@ -11,7 +11,8 @@ from detection.report import class_colour, draw_detections, plot_pr_curves, writ
 
 SUMMARY = {"method": "spp", "dataset": "demo", "split": "test", "metric": "voc07",
            "mAP": 0.5125, "ap": {"cat": 0.75, "dog": 0.275, "bird": None},
-           "scales": [688], "scorer": "svm", "test_mirror": True, "images": 3,
+           "scales": [688], "scorer": "svm", "test_mirror": True,
+           "box_voting": True, "images": 3,
            "coco": {"AP": 0.301, "AP50": 0.6, "AP75": None}, "seconds_per_image": 0.1234}
 
 
@@ -49,8 +50,11 @@ def test_report_contents(tmp_path):
     assert "| 30.1 | 60.0 | - |" in text                       # COCO AP, AP50, AP75
     assert "0.123 s per image" in text and "688" in text and "voc07" in text
     assert "each image also run flipped, the two passes averaged" in text
-    one_pass = write_report(tmp_path / "one", {**SUMMARY, "test_mirror": False}, None, [])
+    assert "box voting: each kept box moved" in text
+    one_pass = write_report(tmp_path / "one", {**SUMMARY, "test_mirror": False,
+                                               "box_voting": False}, None, [])
     assert "one pass per image" in one_pass.read_text()
+    assert "no box voting" in one_pass.read_text()
     assert "](pr_curves.png)" in text and "](example_1.jpg)" in text
     assert "](<ex/my image.png>)" in text                       # absolute made relative
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "report.md"]
