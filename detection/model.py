@@ -171,10 +171,19 @@ class Detector:
                 per_class = (per_class + mirror_boxes(from_mirror, width)) / 2
         if self.box_regressor is not None:
             per_class = clip_boxes(per_class, width, height)
+        floor = -float("inf") if self.scorer == "svm" else 1e-3     # eval's candidates
         if score_threshold is None:
-            score_threshold = -float("inf") if self.scorer == "svm" else 1e-3
-        return detections_from_scores(per_class, scores, score_threshold,
-                                      vote_iou=VOTE_IOU if self.box_voting else None)
+            score_threshold = floor
+        if not self.box_voting:
+            return detections_from_scores(per_class, scores, score_threshold)
+        # votes come from eval's candidates whatever the cut, so that a detection's box does
+        # not depend on the threshold (NMS and the cap keep the same boxes above it either way)
+        det = detections_from_scores(per_class, scores, min(floor, score_threshold),
+                                     vote_iou=VOTE_IOU)
+        if score_threshold > floor:
+            keep = det["scores"] > score_threshold
+            det = {key: value[keep] for key, value in det.items()}
+        return det
 
     def save(self, path: str | Path) -> Path:
         """Write the detector (atomically)."""

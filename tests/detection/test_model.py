@@ -134,3 +134,28 @@ def test_the_mirror_pass_maps_its_regressed_boxes_back():
         assert len(det["boxes"]) > 0
         moved = boxes + torch.tensor([shift, 0.0, shift, 0.0])
         assert all(any(torch.allclose(box, m) for m in moved) for box in det["boxes"])
+
+
+def test_box_voting_gives_a_detection_the_same_box_at_any_score_threshold():
+    """Votes come from every candidate `eval` would see, so a detection above a higher cut
+    (`detect`'s confident one) keeps the box it has in `eval`; without that cut's candidates
+    the clusters would shrink and the boxes move."""
+    detector = _detector()
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    xy = rng.uniform(0, 60, (40, 2))
+    boxes = torch.tensor(np.concatenate([xy, xy + rng.uniform(40, 90, (40, 2))], 1),
+                         dtype=torch.float32)
+    everything = detector.detect(image, boxes)
+    top = everything["scores"][:2]
+    cut = float(top.mean())                      # only the best detection is above it
+    confident = detector.detect(image, boxes, score_threshold=cut)
+    above = everything["scores"] > cut
+    assert int(above.sum()) == 1
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(confident[key], everything[key][above])
+    detector.box_voting = False
+    plain = detector.detect(image, boxes)
+    assert torch.equal(plain["scores"], everything["scores"])
+    # voting moved the best box: candidates below the cut voted for it
+    assert not torch.allclose(plain["boxes"][0], everything["boxes"][0])
