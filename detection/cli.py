@@ -493,6 +493,9 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sppnet` console script; returns the exit status."""
+    from detection.memory import bound_onednn_primitive_cache
+
+    bound_onednn_primitive_cache()      # before any convolution runs
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
