@@ -121,6 +121,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise SppnetError("--freeze-conv is an R-CNN ablation: SPP-net's conv layers are "
                               "always frozen")
         settings = replace(settings, rcnn_freeze_conv=True)
+    if args.finetune_conv:
+        if args.method != "spp":
+            raise SppnetError("--finetune-conv is SPP-net's: R-CNN always fine-tunes its conv "
+                              "layers")
+        settings = replace(settings, spp_finetune_conv=True)
     torch.manual_seed(args.seed)
     _check_scales_method(args)
     scales = _parse_scales(args.scales, preset)
@@ -171,7 +176,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 args.jobs, quiet=args.quiet)
     print(format_ap_table(summary["ap"], summary["mAP"],
                           title="AP07" if args.metric == "voc07" else "AP"))
-    passes = ((", mirror pass" if detector.test_mirror else "")
+    beyond = (", conv layers fine-tuned (beyond the paper)"
+              if detector.method == "spp" and detector.conv_fine_tuned else "")
+    passes = (beyond + (", mirror pass" if detector.test_mirror else "")
               + (", box voting" if detector.box_voting else ""))
     print(f"{args.method} ({describe_inputs(summary)}, {detector.scorer}{passes}): "
           f"mAP {summary['mAP']:.3f}; result files, pr_curves.png and report.md in {args.out}")
@@ -428,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--freeze-conv", action="store_true",
                            help="R-CNN ablation: fine-tune fc6, fc7, fc8 only, conv frozen as "
                                 "SPP-net's")
+            p.add_argument("--finetune-conv", action="store_true",
+                           help="SPP-net beyond the paper (as Fast R-CNN later did): fine-tune "
+                                "the conv layers too, on whole images, at several times the "
+                                "cost; saved as spp-finetuned-conv.pt next to spp.pt (eval it "
+                                "with --model)")
         else:
             p.add_argument("--out", required=True, metavar="DIR",
                            help="folder for result files, pr_curves.png, report.md")

@@ -127,6 +127,25 @@ def box_windows(net: DetectorNet, conv: ConvMaps, boxes: Tensor,
     return torch.cat([scale_of_box[:, None], cells], 1)
 
 
+def conv_maps_for_boxes(net: DetectorNet, image: np.ndarray | Tensor, boxes: Tensor,
+                        scales: Sequence[int], max_side: int = DEFAULT_MAX_SIDE,
+                        box_target: float = 224.0) -> tuple[ConvMaps, Tensor]:
+    """The conv5 maps of `image` at only those of `scales` that some box is pooled at (each box
+    where its area is closest to `box_target` squared, as `box_windows` chooses among all of
+    them), and each box's window `[N, 5]` among those maps. Autograd flows when enabled: SPP-net's
+    fine-tuning of the conv layers runs a few hundred boxes of an image through the trunk this
+    way, without the scales none of them needs."""
+    pre = net.preprocess(image)
+    height, width = pre.shape[-2:]
+    boxes = boxes.to(pre.device).float()
+    factors = [scale_factor(height, width, s, max_side) for s in scales]
+    used = assign_scales(boxes, factors, box_target).unique().tolist()
+    conv = ConvMaps([factors[k] for k in used],
+                    [net.trunk(resize_image(pre, factors[k]))[0] for k in used])
+    # each box's best scale is among `used`, so choosing among these alone picks it again
+    return conv, box_windows(net, conv, boxes, box_target)
+
+
 def pool_scaled_windows(net: DetectorNet, conv: ConvMaps, windows: Tensor,
                         pool_chunk: int = 128) -> Tensor:
     """Pyramid-pool windows `[N, 5]` as `box_windows` gives them: `[N, C * sum(n*n)]`."""

@@ -80,6 +80,15 @@ class Detector:
         return {"scales": [], "warp_px": self.net.crop_size, **passes}
 
     @property
+    def conv_fine_tuned(self) -> bool:
+        """Whether fine-tuning trained the conv layers: R-CNN's always (but for its
+        `--freeze-conv` ablation), SPP-net's only with `--finetune-conv`, beyond its paper."""
+        trained_with = self.info.get("train_settings") or {}
+        if self.method == "spp":
+            return bool(trained_with.get("spp_finetune_conv", False))
+        return not trained_with.get("rcnn_freeze_conv", False)
+
+    @property
     def settings(self) -> ExtractSettings:
         """Feature settings of this detector."""
         return ExtractSettings(scales=self.scales, max_side=self.preset.max_side,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from detection.train import TrainSettings
 
 DEFAULT_SCORER = "svm"
+SPP_CONV_TUNED_MODEL = "spp-finetuned-conv.pt"   # `train --method spp --finetune-conv`
 
 
 def model_dir(workdir: str | Path, dataset_name: str, preset: Preset) -> Path:
@@ -155,7 +156,9 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     release_free_memory()       # each stage below starts from the live data, not the heap's peak
     torch.manual_seed(settings.seed)
     frozen = method == "rcnn" and settings.rcnn_freeze_conv
-    what = ("fc6, fc7, fc8 on cached conv5" if method == "spp" else
+    conv_tuned = method == "spp" and settings.spp_finetune_conv
+    what = ("all layers on whole images (beyond the paper)" if conv_tuned else
+            "fc6, fc7, fc8 on cached conv5" if method == "spp" else
             "fc6, fc7, fc8 on warped windows, conv frozen" if frozen else
             "all layers on warped windows")
     choose_scale = method == "spp" and scales is None
@@ -165,7 +168,9 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
          + (f" on {len(tune_images)} images, scales {train_scales}" if choose_scale else ""))
     conv_cache = (Path(workdir) / "conv5"
                   / f"{dataset.name}-{trunk_digest(net)}-{'-'.join(map(str, train_scales))}")
-    pretrained_head = {k: v.clone() for k, v in net.spp_fc.state_dict().items()}
+    # the layers the second fit below starts again from
+    pretrained = {name: {k: v.clone() for k, v in getattr(net, name).state_dict().items()}
+                  for name in (("spp_fc", "trunk") if conv_tuned else ("spp_fc",))}
     progress = folder / f"{method}.finetune.progress.pt"     # a stopped run goes on from here
     # the fit that ranks the test scales on validation images only needs their order (on the
     # demo's 3 seeds the multi-scale set led the best single scale by 0.18-0.22 mAP after a full
@@ -178,7 +183,7 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     # for the SVM and box-regression windows (the paper's conv5 feature cache)
     choosing = choose_scale and bool(val_images)
     all_maps, tune_maps, all_mirrored, tune_mirrored = None, None, None, None
-    if method == "spp":
+    if method == "spp" and not conv_tuned:
         all_maps = cached_conv5(net, images, train_scales, preset.max_side, conv_cache, quiet,
                                 conv5_budget(settings))
         index_of = {item.image_id: i for i, item in enumerate(images)}
@@ -202,9 +207,11 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
              f"validation images ({', '.join(f'{s}: {m:.3f}' for s, m in scale_log.items())} "
              f"mAP)")
         # the choice made, the validation images go back into training (R-CNN trains on all
-        # of them too): fine-tune again from the pre-trained head on the whole split
+        # of them too): fine-tune again from the pre-trained head (and trunk) on the whole split
         _log(f"spp: fine-tuning again on all {len(images)} images")
-        net.spp_fc.load_state_dict(pretrained_head)
+        net.spp_fc.load_state_dict(pretrained["spp_fc"])
+        if conv_tuned:
+            net.trunk.load_state_dict(pretrained["trunk"])
         fc8, finetune_log = finetune(net, method, images, len(dataset.classes), settings,
                                      device, train_scales, preset.max_side, conv_cache, quiet,
                                      progress, maps=all_maps, mirrored_maps=all_mirrored)
@@ -256,6 +263,8 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     path = model_path(workdir, dataset.name, preset, method)
     if frozen:      # the ablation never replaces the R-CNN model of the same workdir
         path = path.with_name("rcnn-frozen-conv.pt")
+    if conv_tuned:  # nor does the option beyond the paper replace SPP-net's
+        path = path.with_name(SPP_CONV_TUNED_MODEL)
     path = detector.save(path)
     return path, summary
 
@@ -361,6 +370,7 @@ def evaluate_detector(detector: Detector, dataset: VOCDataset, workdir: str | Pa
     summary = {"method": detector.method, "dataset": dataset.name, "split": dataset.split,
                "metric": metric, "mAP": voc["mAP"], "ap": voc["ap"],
                **detector.inputs, "scorer": detector.scorer,
+               "conv_fine_tuned": detector.conv_fine_tuned,
                "coco": {k: coco[k] for k in ("AP", "AP50", "AP75")},
                "images": len(per_image),
                "seconds_per_image": float(np.median(seconds)) if seconds else None}

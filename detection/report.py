@@ -116,8 +116,9 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], pr_png: str | 
     """Write `out_dir/report.md` (atomically) and return its path.
 
     `summary` holds `method`, `dataset`, `split`, `metric`, `mAP`, `ap` `{class: float | None}`
-    (fractions), and optionally `scales`, `scorer`, `test_mirror`, `box_voting`, `images`,
-    `coco` `{"AP", "AP50", "AP75"}`, `seconds_per_image` (a number, or `{stage: seconds}`).
+    (fractions), and optionally `scales`, `scorer`, `conv_fine_tuned`, `test_mirror`,
+    `box_voting`, `images`, `coco` `{"AP", "AP50", "AP75"}`, `seconds_per_image` (a number, or
+    `{stage: seconds}`).
     `pr_png` and `examples` are image files, relative to `out_dir` (absolute paths are made
     relative).
     """
@@ -137,6 +138,9 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], pr_png: str | 
         facts.append(f"- regions warped to {summary['warp_px']}×{summary['warp_px']} px")
     if summary.get("scorer"):
         facts.append(f"- scorer: {summary['scorer']}")
+    if summary.get("method") == "spp" and summary.get("conv_fine_tuned"):
+        facts.append("- conv layers fine-tuned with fc6-fc8 on whole images (beyond the "
+                     "SPP-net paper, which fine-tunes fc6-fc8 only)")
     if summary.get("test_mirror") is not None:
         facts.append("- each image also run flipped, the two passes averaged"
                      if summary["test_mirror"] else "- one pass per image (no mirror pass)")

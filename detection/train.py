@@ -38,8 +38,8 @@ from data.atomic import atomic_write
 from detection.backbones import DetectorNet, output_side
 from detection.boxes import mirror_boxes
 from detection.conv5_cache import Conv5Cache, build_conv5_cache
-from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps, extract,
-                                spp_from_maps)
+from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps,
+                                conv_maps_for_boxes, extract, spp_from_maps)
 from detection.memory import release_now_and_then
 from detection.pretrain_crops import context_margin, pretrain_crops
 from detection.rcnn_warp import warp_images
@@ -98,6 +98,9 @@ class TrainSettings:
     # SPP-net fine-tuning draws each image flipped left to right half the time, pooling from
     # the conv5 maps of the flipped image (a second conv5 cache), as R-CNN flips its windows
     spp_mirror: bool = True
+    # beyond the paper (Fast R-CNN's later recipe): SPP-net fine-tunes the conv layers too, each
+    # image run through the trunk with gradients at the scales its windows are pooled at
+    spp_finetune_conv: bool = False
     rcnn_freeze_conv: bool = False     # ablation: R-CNN fine-tunes fc6-fc8 only, as SPP-net does
 
 
@@ -405,17 +408,22 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
     """Stage 2: fine-tune `method`'s head (R-CNN: all layers, or fc6-fc8 only with
     `settings.rcnn_freeze_conv`) with a new (K+1)-way fc8; SPP-net
     pools each window from the conv5 map of the scale that the test would pool it at (the
-    paper's rule: the box closest to the target side), the target jittered per image and step.
-    Returns fc8 (the softmax scorer) and a log dict. With `progress`, a checkpoint is written
-    there every `save_every` iterations and a stopped run goes on from the last one. SPP-net
-    reads `maps` (`cached_conv5` of `images` at `scales`) when given, else the cache; with
-    `settings.spp_mirror` each image is drawn flipped left to right half the time (as R-CNN
-    flips its windows), pooled from `mirrored_maps` (`cached_conv5(..., mirrored=True)`) or the
-    cache."""
+    paper's rule: the box closest to the target side), the target jittered per image and step;
+    with `settings.spp_finetune_conv` (beyond the paper) the conv layers learn too, each image
+    run through the trunk at the scales its windows need, BatchNorm's statistics kept. Returns
+    fc8 (the softmax scorer) and a log dict. With `progress`, a checkpoint is written there
+    every `save_every` iterations and a stopped run goes on from the last one. SPP-net with its
+    conv layers frozen reads `maps` (`cached_conv5` of `images` at `scales`) when given, else
+    the cache; with `settings.spp_mirror` each image is drawn flipped left to right half the
+    time (as R-CNN flips its windows), pooled from `mirrored_maps` (`cached_conv5(...,
+    mirrored=True)`) or the cache (or, conv layers learning, from the flipped image itself)."""
     rng = np.random.default_rng(settings.seed + 1)
     torch.manual_seed(settings.seed + 1)
     fc8 = nn.Linear(net.feature_dim, num_classes + 1).to(device)
-    if method == "spp":
+    conv_tuned = method == "spp" and settings.spp_finetune_conv
+    if conv_tuned:
+        modules = {"trunk": net.trunk, "spp_fc": net.spp_fc, "fc8": fc8}
+    elif method == "spp":
         if conv_cache is None and (maps is None or (settings.spp_mirror and
                                                     mirrored_maps is None)):
             raise ValueError("SPP-net's fine-tuning needs conv5 maps: pass maps (and "
@@ -466,6 +474,10 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
             with torch.set_grad_enabled(not settings.rcnn_freeze_conv):
                 pool5 = net.pool5(net.trunk(x)).flatten(1)
             logits = fc8(net.rcnn_fc(pool5))
+        elif conv_tuned:
+            optimizer.zero_grad(set_to_none=True)
+            loss = _spp_conv_step(net, fc8, [images[i] for i in chosen], settings, scales,
+                                  max_side, per_image, rng, device)
         else:
             net.spp_fc.train()
             windows, fmaps = [], []
@@ -491,9 +503,10 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
                     targets.append(item.regions.label[rows])
                 pooled = spp_pool_maps(fmaps, torch.cat(windows), net.spp_levels)
             logits = fc8(net.spp_fc(pooled))
-        loss = F.cross_entropy(logits, torch.cat(targets).to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if not conv_tuned:
+            loss = F.cross_entropy(logits, torch.cat(targets).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         losses.append(loss.item())
         if step % 20 == 0:
@@ -507,6 +520,40 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
     return fc8.eval(), {"iterations": iterations, "images": len(images),
                         "final_loss": float(np.mean(losses[-50:])),
                         "seconds": time.perf_counter() - start}
+
+
+def _spp_conv_step(net: DetectorNet, fc8: nn.Linear, chosen: Sequence[TrainImage],
+                   settings: TrainSettings, scales: tuple[int, ...], max_side: int,
+                   per_image: int, rng: np.random.Generator, device: torch.device) -> Tensor:
+    """One minibatch of SPP-net's fine-tuning with the conv layers learning: the gradients of
+    the mean loss over the images' windows, accumulated image by image (the trunk's BatchNorm
+    uses its pre-trained statistics, so the sum is the whole minibatch's gradient) so that only
+    one image's graph is held at a time (four at once held several GB at the 800 px scale).
+    Returns the loss, detached."""
+    net.spp_fc.train()
+    net.trunk.eval()
+    drawn = []
+    for item in chosen:
+        rows = sample_rows(item.regions, per_image, settings.fg_fraction, rng,
+                           (settings.finetune_bg_min, FG_IOU))
+        flip = settings.spp_mirror and rng.random() < 0.5
+        target = box_target_side(net.crop_size) * 2 ** rng.uniform(-0.5, 0.5)
+        drawn.append((item, rows, flip, target))
+    count = sum(len(rows) for _, rows, _, _ in drawn)
+    total = torch.zeros((), device=device)
+    for item, rows, flip, target in drawn:
+        if not len(rows):           # an image without a window to learn from
+            continue
+        pixels, boxes = item.pixels, item.regions.boxes[rows]
+        if flip:
+            pixels, boxes = pixels[:, ::-1], mirror_boxes(boxes, pixels.shape[1])
+        conv, windows = conv_maps_for_boxes(net, pixels, boxes, scales, max_side, target)
+        logits = fc8(net.spp_fc(spp_pool_maps(conv.maps, windows, net.spp_levels)))
+        loss = F.cross_entropy(logits, item.regions.label[rows].to(device),
+                               reduction="sum") / count
+        loss.backward()
+        total += loss.detach()
+    return total
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from detection.features import ConvMaps, ExtractSettings, box_windows, extract
+from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps,
+                                conv_maps_for_boxes, extract)
 from detection.rcnn_warp import warp_regions
 from detection.scales import assign_scales, resize_image, scale_factor
-from detection.spp import project_boxes
+from detection.spp import project_boxes, spp_pool_maps
 from detection.timing import StageTimer
 
 
@@ -64,6 +65,28 @@ def test_no_boxes_and_unknown_method(net, image_and_boxes):
         assert extract(net, image, np.zeros((0, 4)), method).shape == (0, net.feature_dim)
     with pytest.raises(ValueError):
         extract(net, image, np.zeros((0, 4)), "fast-rcnn")
+
+
+def test_conv_maps_for_boxes_runs_only_the_scales_its_boxes_need(net, image_and_boxes):
+    """The maps of the scales some box is pooled at, and windows that pool to the features of
+    maps at every scale; gradients reach the trunk through the pooling."""
+    image, boxes = image_and_boxes
+    scales, target = (48, 96, 192, 384), 40.0
+    every = conv_maps(net, image, scales, 1000)
+    with torch.no_grad():
+        conv, windows = conv_maps_for_boxes(net, image, boxes, scales, 1000, target)
+    chosen = assign_scales(boxes, every.factors, target)
+    assert conv.factors == [every.factors[k] for k in sorted(set(chosen.tolist()))]
+    assert 1 < len(conv.maps) < len(scales)
+    reference = spp_pool_maps(every.maps, box_windows(net, every, boxes, target), net.spp_levels)
+    assert torch.allclose(spp_pool_maps(conv.maps, windows, net.spp_levels), reference,
+                          atol=1e-5)
+    net.zero_grad(set_to_none=True)
+    conv, windows = conv_maps_for_boxes(net, image, boxes[:3], scales, 1000, target)
+    spp_pool_maps(conv.maps, windows, net.spp_levels).sum().backward()
+    grads = [p.grad for p in net.trunk.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    net.zero_grad(set_to_none=True)
 
 
 def test_box_windows_project_each_box_on_its_own_scale(net):

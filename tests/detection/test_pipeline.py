@@ -33,6 +33,8 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     assert 0.0 <= summary["mAP"] <= 1.0 and list(summary["ap"]) == ["box"]
     assert summary["test_mirror"] is True          # the mirror pass is on by default
     assert summary["box_voting"] is True           # and so is box voting
+    assert summary["conv_fine_tuned"] is (method == "rcnn")     # SPP-net's paper: fc only
+    assert "beyond the SPP-net paper" not in (out / "report.md").read_text()
     for name in ("comp4_det_test_box.txt", "pr_curves.png", "report.md"):
         assert (out / name).is_file()
     # the detector file loads without unpickling and detects the same
@@ -123,6 +125,33 @@ def test_freeze_conv_is_an_rcnn_ablation_saved_beside_the_rcnn_model(drawn_voc, 
                  "--no-box-regression"]) == 0
     folder = tmp_path / "work" / "models" / "drawn-small"
     assert (folder / "rcnn-frozen-conv.pt").is_file() and not (folder / "rcnn.pt").exists()
+
+
+def test_finetune_conv_is_spps_and_saved_beside_the_spp_model(drawn_voc, tmp_path, capsys):
+    """`--finetune-conv` (beyond the paper): an error for R-CNN; for SPP-net a model of its own
+    whose trunk differs from the pre-trained one, which `eval --model` reads."""
+    work = tmp_path / "work"
+    common = ["--voc-root", str(drawn_voc), "--split", "test", "--workdir", str(work),
+              "--jobs", "1", "--quiet", "--device", "cpu"]
+    assert main(["train", *common, "--method", "rcnn", "--finetune-conv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--finetune-conv" in err and len(err.splitlines()) == 1
+    assert main(["train", *common, "--method", "spp", "--finetune-conv", "--pretrain-epochs",
+                 "1", "--finetune-iters", "5", "--no-box-regression"]) == 0
+    folder = work / "models" / "drawn-small"
+    model = folder / "spp-finetuned-conv.pt"
+    assert model.is_file() and not (folder / "spp.pt").exists()
+    assert "all layers on whole images" in capsys.readouterr().err
+    trunk = torch.load(folder / "trunk.pt", weights_only=False)["state_dict"]
+    tuned = torch.load(model, weights_only=False)["state_dict"]
+    assert any(not torch.equal(v, tuned[k]) for k, v in trunk.items()
+               if k.startswith("trunk.") and k.endswith("weight"))
+    assert main(["eval", *common, "--method", "spp", "--model", str(model), "--out",
+                 str(tmp_path / "out"), "--json", str(tmp_path / "eval.json")]) == 0
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["method"] == "spp" and summary["conv_fine_tuned"] is True
+    assert "conv layers fine-tuned (beyond the paper)" in capsys.readouterr().out
+    assert "beyond the SPP-net paper" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_no_mirror_is_an_spp_ablation(drawn_voc, tmp_path, capsys):

@@ -271,6 +271,42 @@ def test_rcnn_freeze_conv_trains_the_fc_layers_only(images, freeze):
     assert not all(torch.equal(fc_before[k], v) for k, v in net.rcnn_fc.state_dict().items())
 
 
+def test_spp_finetune_conv_trains_the_trunk_and_keeps_batchnorm_statistics(images, tmp_path):
+    """`spp_finetune_conv` (beyond the paper) fine-tunes the conv layers with fc6-fc8, each
+    image run through the trunk alone (so BatchNorm's statistics stay the pre-trained ones),
+    without conv5 maps or a cache; by default the trunk is left as it is."""
+    for tuned in (False, True):
+        net = _net()
+        before = {k: v.clone() for k, v in net.trunk.state_dict().items()}
+        maps = None if tuned else train.cached_conv5(net, images, (64, 96), 400, tmp_path,
+                                                     quiet=True)
+        net.train()                 # as a caller might leave it
+        finetune(net, "spp", images, 1, replace(SETTINGS, spp_finetune_conv=tuned,
+                                                spp_mirror=False),
+                 torch.device("cpu"), (64, 96), 400, quiet=True, maps=maps)
+        after = net.trunk.state_dict()
+        statistics = [k for k in before if "running" in k or "num_batches" in k]
+        weights = [k for k in before if k not in statistics]
+        assert statistics and all(torch.equal(before[k], after[k]) for k in statistics)
+        assert any(not torch.equal(before[k], after[k]) for k in weights) == tuned
+
+
+def test_spp_finetune_conv_resumes_from_its_last_checkpoint(images, tmp_path, monkeypatch):
+    """The trunk is in the checkpoint: a stopped run ends with the weights of one never
+    stopped."""
+    settings = replace(SETTINGS, spp_finetune_conv=True)
+    args = ("spp", images, 1, settings, torch.device("cpu"), (64, 96), 400)
+    whole = _net()
+    fc8_whole, _ = finetune(whole, *args, quiet=True)
+    progress = tmp_path / "ft.progress.pt"
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_net(), *args, quiet=True, progress=progress, save_every=2)
+    resumed = _net()
+    fc8_resumed, _ = finetune(resumed, *args, quiet=True, progress=progress, save_every=2)
+    assert _same_weights(fc8_resumed, fc8_whole) and _same_weights(resumed, whole)
+
+
 @pytest.mark.parametrize("method", ["rcnn", "spp"])
 def test_finetuning_draws_background_from_the_set_iou_range(images, tmp_path, monkeypatch,
                                                            method):
