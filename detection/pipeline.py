@@ -172,6 +172,9 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     pretrained = {name: {k: v.clone() for k, v in getattr(net, name).state_dict().items()}
                   for name in (("spp_fc", "trunk") if conv_tuned else ("spp_fc",))}
     progress = folder / f"{method}.finetune.progress.pt"     # a stopped run goes on from here
+    # the fit that ranks the scales has its own file: run again after a stop in the final fit,
+    # it must not overwrite that fit's checkpoint (with --finetune-conv, up to 20 minutes)
+    choice_progress = folder / f"{method}.scale-choice.progress.pt"
     # the fit that ranks the test scales on validation images only needs their order (on the
     # demo's 3 seeds the multi-scale set led the best single scale by 0.18-0.22 mAP after a full
     # fit, 0.23-0.30 after a fifth of it), so it runs a fraction of the schedule; the final fit
@@ -196,7 +199,8 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
         release_free_memory()
     fc8, finetune_log = finetune(net, method, tune_images, len(dataset.classes), fit_settings,
                                  device, train_scales, preset.max_side, conv_cache, quiet,
-                                 progress, maps=tune_maps, mirrored_maps=tune_mirrored)
+                                 choice_progress if choosing else progress, maps=tune_maps,
+                                 mirrored_maps=tune_mirrored)
     scale_log, choice_log = None, None
     if choosing:
         choice_log = finetune_log

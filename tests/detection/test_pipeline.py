@@ -83,8 +83,19 @@ def test_finetune_bg_min_must_leave_a_background_range(drawn_voc, tmp_path, caps
 
 
 def test_spp_scale_is_chosen_on_held_out_images_then_all_are_trained_on(tmp_path, voc_writer,
-                                                                       draw):
+                                                                       draw, monkeypatch):
     from PIL import Image
+
+    import detection.train as train
+
+    progress_files = []
+    real = train.finetune
+
+    def recording(*args, **kwargs):
+        progress_files.append(args[10])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "finetune", recording)
 
     images, pixels = {}, {}
     for i in range(8):
@@ -105,6 +116,9 @@ def test_spp_scale_is_chosen_on_held_out_images_then_all_are_trained_on(tmp_path
     assert trained["scale_choice_finetune"]["iterations"] == 2
     assert trained["scale_choice_finetune"]["images"] == 6
     assert trained["finetune"]["iterations"] == 10
+    # each fit checkpoints to its own file: the ranking fit, run again after a stop in the
+    # final fit, never overwrites the final fit's checkpoint
+    assert len(progress_files) == 2 and progress_files[0] != progress_files[1]
 
 
 def test_eval_without_a_model_is_a_one_line_error(drawn_voc, tmp_path, capsys):
