@@ -437,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "SPP-net's")
             p.add_argument("--finetune-conv", action="store_true",
                            help="SPP-net beyond the paper (as Fast R-CNN later did): fine-tune "
-                                "the conv layers too, on whole images, at several times the "
-                                "cost; saved as spp-finetuned-conv.pt next to spp.pt (eval it "
-                                "with --model)")
+                                "the conv layers too, on whole images, at about 30 times "
+                                "the fine-tuning time; saved as spp-finetuned-conv.pt next to "
+                                "spp.pt (eval it with --model)")
         else:
             p.add_argument("--out", required=True, metavar="DIR",
                            help="folder for result files, pr_curves.png, report.md")
