@@ -145,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from detection.devices import resolve_device
     from detection.evaluate import format_ap_table
     from detection.model import describe_inputs, load_detector
-    from detection.pipeline import evaluate_detector, model_path
+    from detection.pipeline import MODELS_APART, evaluate_detector, model_path
     from detection.presets import get_preset
 
     _check_scales_method(args)
@@ -158,8 +158,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         path = model_path(args.workdir, resolve_root(args.voc_root).name, preset, args.method)
         if not path.is_file():
+            apart = path.with_name(MODELS_APART[args.method])
+            hint = (f" (or pass the model trained apart, --model {apart})"
+                    if apart.is_file() else "")
             raise SppnetError(f"{path}: no trained {args.method} model; run `sppnet train "
-                              f"--method {args.method}` with the same --workdir first")
+                              f"--method {args.method}` with the same --workdir first{hint}")
     detector = load_detector(path, device)
     if detector.method != args.method:
         raise SppnetError(f"{path}: a {detector.method} model, not {args.method}")

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from detection.train import TrainSettings
 
 DEFAULT_SCORER = "svm"
-SPP_CONV_TUNED_MODEL = "spp-finetuned-conv.pt"   # `train --method spp --finetune-conv`
+# models trained apart, beside a method's own, which they never replace: SPP-net with its conv
+# layers fine-tuned (`--finetune-conv`, beyond the paper), R-CNN with them frozen (`--freeze-conv`)
+MODELS_APART = {"spp": "spp-finetuned-conv.pt", "rcnn": "rcnn-frozen-conv.pt"}
 
 
 def model_dir(workdir: str | Path, dataset_name: str, preset: Preset) -> Path:
@@ -265,10 +267,8 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
                "train_settings": asdict(settings), "seconds": time.perf_counter() - start}
     detector.info = summary
     path = model_path(workdir, dataset.name, preset, method)
-    if frozen:      # the ablation never replaces the R-CNN model of the same workdir
-        path = path.with_name("rcnn-frozen-conv.pt")
-    if conv_tuned:  # nor does the option beyond the paper replace SPP-net's
-        path = path.with_name(SPP_CONV_TUNED_MODEL)
+    if frozen or conv_tuned:
+        path = path.with_name(MODELS_APART[method])
     path = detector.save(path)
     return path, summary
 

@@ -152,10 +152,13 @@ def test_finetune_conv_is_spps_and_saved_beside_the_spp_model(drawn_voc, tmp_pat
     assert "--finetune-conv" in err and len(err.splitlines()) == 1
     assert main(["train", *common, "--method", "spp", "--finetune-conv", "--pretrain-epochs",
                  "1", "--finetune-iters", "5", "--no-box-regression"]) == 0
+    assert "all layers on whole images" in capsys.readouterr().err
     folder = work / "models" / "drawn-small"
     model = folder / "spp-finetuned-conv.pt"
     assert model.is_file() and not (folder / "spp.pt").exists()
-    assert "all layers on whole images" in capsys.readouterr().err
+    assert main(["eval", *common, "--method", "spp", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()       # the model trained apart is named
+    assert f"--model {model}" in err and len(err.splitlines()) == 1
     trunk = torch.load(folder / "trunk.pt", weights_only=False)["state_dict"]
     tuned = torch.load(model, weights_only=False)["state_dict"]
     assert any(not torch.equal(v, tuned[k]) for k, v in trunk.items()
