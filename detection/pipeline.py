@@ -89,6 +89,31 @@ def _recipe_change(old: dict, new: dict) -> str:
                      if old.get(k) != new.get(k))
 
 
+SCHEDULE_FIELDS = ("pretrain_epochs", "pretrain_max_steps")
+
+
+def same_trunk_recipe(made_with: dict, recipe: dict, log: dict) -> bool:
+    """Whether a saved trunk, pre-trained by `made_with` (its `log`: the epochs and steps it
+    ran), is the trunk `recipe` would make. The epochs and the step cap count only through the
+    epochs they give (`pretrain_epochs_run`), so a trunk the cap did not bind (or one made
+    before the cap, which ran all its epochs) is reused."""
+    from detection.train import pretrain_epochs_run
+
+    def rest(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in SCHEDULE_FIELDS}
+
+    if made_with == recipe:
+        return True
+    if rest(made_with) != rest(recipe) or recipe.get("weights") is not None:
+        return False
+    ran = log.get("epochs", made_with.get("pretrain_epochs"))
+    steps = log.get("steps")
+    if not ran or not steps or steps % ran:
+        return False
+    return pretrain_epochs_run(recipe["pretrain_epochs"], recipe.get("pretrain_max_steps"),
+                               steps // ran) == ran
+
+
 def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
            device: torch.device, weights: str | None, quiet: bool) -> tuple[DetectorNet, dict]:
     """Stage 1, shared by both methods: load the pre-trained trunk or train and save it. A saved
@@ -108,13 +133,14 @@ def _trunk(dataset: VOCDataset, images, preset: Preset, folder: Path, settings,
             # the augmentation and precision settings came after the first recorded recipes:
             # a trunk saved without them was pre-trained without augmentation, in fp32
             made_with = {**EARLIER_RECIPE, **made_with}
-        if config.get("classes") == list(dataset.classes) and made_with in (None, recipe):
+        same = made_with is None or same_trunk_recipe(made_with, recipe, config.get("log", {}))
+        if config.get("classes") == list(dataset.classes) and same:
             _log(f"trunk: reusing {path}" + ("" if made_with else
                  " (made by an earlier version, which did not record its settings; delete it "
                  "to pre-train with this run's)"))
             return prefer_channels_last(build_net(preset.backbone, path).to(device)), \
                 config.get("log", {})
-        if made_with not in (None, recipe):
+        if not same:
             _log(f"trunk: {path} was made with other settings "
                  f"({_recipe_change(made_with, recipe)}); making it again")
     net = prefer_channels_last(build_net(preset.backbone, weights, crop_size=preset.crop_size,

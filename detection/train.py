@@ -59,6 +59,11 @@ class TrainSettings:
     # had been worth +0.13 and +0.06 without augmentation; README, "Pre-training length");
     # `sppnet demo` keeps 16 for its time
     pretrain_epochs: int = 96
+    # a cap on pre-training's steps: a split with many objects per image has more regions per
+    # epoch and makes fewer epochs instead of taking longer (`pretrain_epochs_run`). 7200 is
+    # just above the 6600-7100 steps of 96 epochs on the real-photo-sized stand-ins (about 3
+    # objects per image), which it leaves as they were; None: no cap
+    pretrain_max_steps: int | None = 7200
     pretrain_jitters: int = 6          # jittered crops per object
     pretrain_background: int = 12      # background crops per image
     pretrain_batch: int = 64
@@ -255,6 +260,15 @@ def photometric_jitter(x: Tensor, strength: float, rng: np.random.Generator) -> 
         + draw(-strength, strength, (b, 3, 1, 1)) * spread
 
 
+def pretrain_epochs_run(epochs: int, max_steps: int | None, steps_per_epoch: int) -> int:
+    """The epochs pre-training makes: `epochs`, or as many whole ones as fit in `max_steps`
+    (at least one). Regions per epoch grow with the objects of the split, so without a cap a
+    split with twice the objects per image would pre-train twice as long."""
+    if not max_steps or steps_per_epoch * epochs <= max_steps:
+        return epochs
+    return max(1, max_steps // steps_per_epoch)
+
+
 def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: int,
                    settings: TrainSettings, device: torch.device, quiet: bool = False,
                    progress: Path | None = None) -> dict:
@@ -282,7 +296,13 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
     params = [p for m in (net.trunk, net.spp_fc, net.rcnn_fc, heads) for p in m.parameters()]
     optimizer = _adamw(params, lr=settings.pretrain_lr, weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, len(crops) // settings.pretrain_batch)
-    total = steps_per_epoch * settings.pretrain_epochs
+    epochs = pretrain_epochs_run(settings.pretrain_epochs, settings.pretrain_max_steps,
+                                 steps_per_epoch)
+    if epochs < settings.pretrain_epochs:
+        print(f"pretrain: {epochs} of {settings.pretrain_epochs} epochs ({steps_per_epoch} "
+              f"steps each: {len(crops)} regions), capped at {settings.pretrain_max_steps} "
+              "steps (--pretrain-max-steps; 0: no cap)", file=sys.stderr)
+    total = steps_per_epoch * epochs
     modules = {"trunk": net.trunk, "spp_fc": net.spp_fc, "rcnn_fc": net.rcnn_fc, "heads": heads}
     key = run_key("pretrain", settings, num_classes, [im.image_id for im in images], len(crops))
     step, losses = load_progress(progress, key, modules, optimizer, rng)
@@ -291,7 +311,7 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
     bar = _progress(range(total), "pretrain", total=total, quiet=quiet)
     bar.update(step)
     first_epoch = step // steps_per_epoch
-    for epoch in range(first_epoch, settings.pretrain_epochs):
+    for epoch in range(first_epoch, epochs):
         block = epoch // settings.pretrain_redraw if settings.pretrain_redraw else 0
         if block and (epoch % settings.pretrain_redraw == 0 or epoch == first_epoch):
             # a block's regions depend on the seed and the block alone, so a resumed run
@@ -343,13 +363,13 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {np.mean(losses[-20:]):.3f}")
-        if epoch + 1 < settings.pretrain_epochs:
+        if epoch + 1 < epochs:
             save_progress(progress, key, step, modules, optimizer, rng, losses)
     bar.close()
     net.eval()
     if progress is not None:
         progress.unlink(missing_ok=True)
-    return {"crops": len(crops), "steps": total, "final_loss": float(np.mean(losses[-50:])),
+    return {"crops": len(crops), "epochs": epochs, "steps": total, "final_loss": float(np.mean(losses[-50:])),
             "seconds": time.perf_counter() - start}
 
 

@@ -232,6 +232,38 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     assert "trunk: reusing" in err and "earlier version" in err
 
 
+def test_a_trunk_is_reused_by_any_schedule_that_makes_the_same_epochs(drawn_voc, tmp_path,
+                                                                      capsys):
+    """The epochs and the step cap count through the epochs they give: a trunk the cap did not
+    bind, or one saved before the cap existed, serves a run whose cap does not bind either; a
+    cap that binds makes it again, and serves a run asked for those epochs."""
+    from detection.backbones import load_checkpoint, save_checkpoint, build_net
+
+    def train(*extra):
+        assert main(["train", "--voc-root", str(drawn_voc), "--split", "test", "--method", "rcnn",
+                     "--workdir", str(tmp_path / "work"), "--jobs", "1", "--quiet", "--device",
+                     "cpu", "--finetune-iters", "1", "--no-box-regression",
+                     "--pretrain-precision", "fp32", *extra]) == 0
+        return capsys.readouterr().err
+
+    trunk = tmp_path / "work" / "models" / "drawn-small" / "trunk.pt"
+    assert "pre-training" in train("--pretrain-epochs", "2", "--pretrain-max-steps", "0")
+    config = load_checkpoint(trunk)["config"]
+    assert config["recipe"]["pretrain_max_steps"] is None and config["log"]["epochs"] == 2
+    per_epoch = config["log"]["steps"] // 2
+    assert "trunk: reusing" in train("--pretrain-epochs", "2")     # the default cap: not bound
+    del config["recipe"]["pretrain_max_steps"]                     # saved before the cap
+    del config["log"]["epochs"]
+    save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
+    assert "trunk: reusing" in train("--pretrain-epochs", "2")
+    err = train("--pretrain-epochs", "2", "--pretrain-max-steps", str(2 * per_epoch - 1))
+    assert "making it again" in err and f"pretrain_max_steps None -> {2 * per_epoch - 1}" in err
+    assert "1 of 2 epochs" in err
+    assert load_checkpoint(trunk)["config"]["log"]["epochs"] == 1
+    assert "trunk: reusing" in train("--pretrain-epochs", "1", "--pretrain-max-steps", "0")
+    assert "making it again" in train("--pretrain-epochs", "2", "--pretrain-max-steps", "0")
+
+
 def test_a_trunk_recipe_names_what_changed():
     from detection.pipeline import _recipe_change, trunk_recipe
     from detection.train import TrainSettings

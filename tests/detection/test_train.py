@@ -79,6 +79,35 @@ def test_redrawn_regions_are_new_regions(images, monkeypatch):
     assert not any(len(a) == len(b) and torch.equal(a, b) for a, b in zip(drawn, drawn[1:]))
 
 
+def test_the_step_cap_gives_fewer_whole_epochs_and_at_least_one():
+    assert train.pretrain_epochs_run(96, 7200, 72) == 96          # 6912 steps: under the cap
+    assert train.pretrain_epochs_run(96, 7200, 75) == 96          # exactly 7200
+    assert train.pretrain_epochs_run(96, 7200, 121) == 59         # 7139 steps
+    assert train.pretrain_epochs_run(96, None, 121) == 96
+    assert train.pretrain_epochs_run(3, 5, 10) == 1
+
+
+def test_capped_pretraining_is_the_run_of_the_epochs_the_cap_allows(images, capsys):
+    """A split with more regions per epoch than the cap allows for all its epochs makes fewer
+    of them, says so, and ends as a run asked for that many epochs would."""
+    device = torch.device("cpu")
+    two = _net()
+    log = pretrain_trunk(two, images, 1, replace(SETTINGS, pretrain_epochs=2), device,
+                         quiet=True)
+    per_epoch = log["steps"] // 2
+    capped = _net()
+    capped_log = pretrain_trunk(capped, images, 1,
+                                replace(SETTINGS, pretrain_max_steps=2 * per_epoch + 1),
+                                device, quiet=True)
+    assert _same_weights(capped, two)
+    assert (capped_log["epochs"], capped_log["steps"]) == (2, log["steps"])
+    err = capsys.readouterr().err
+    assert f"2 of 3 epochs ({per_epoch} steps each" in err and "--pretrain-max-steps" in err
+    full = pretrain_trunk(_net(), images, 1, replace(SETTINGS, pretrain_max_steps=None), device,
+                          quiet=True)
+    assert full["epochs"] == 3 and "of 3 epochs" not in capsys.readouterr().err
+
+
 def test_a_draw_for_one_epoch_cuts_one_crop_per_region_seen(images, monkeypatch):
     """New regions every epoch: each region seen gets the one crop its step reads (the warp or
     the context crop), not both; a single draw for the stage ends with both for most."""
