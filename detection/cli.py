@@ -94,8 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, finetune_iters=args.finetune_iters)
     if args.pretrain_epochs is not None:
         settings = replace(settings, pretrain_epochs=args.pretrain_epochs)
-    if args.pretrain_max_steps is not None:
-        settings = replace(settings, pretrain_max_steps=args.pretrain_max_steps or None)
+    if args.pretrain_steps is not None:
+        settings = replace(settings, pretrain_steps=args.pretrain_steps)
     if args.pretrain_redraw is not None:
         settings = replace(settings, pretrain_redraw=args.pretrain_redraw)
     if args.pretrain_color is not None:
@@ -409,14 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="skip bounding-box regression")
             p.add_argument("--finetune-iters", type=positive_int, metavar="N",
                            help="fine-tuning iterations")
-            p.add_argument("--pretrain-epochs", type=positive_int, metavar="N",
-                           help="trunk pre-training epochs (default 96; `sppnet demo` "
-                                "uses 16)")
-            p.add_argument("--pretrain-max-steps", type=non_negative_int, metavar="N",
-                           help="cap on the trunk's pre-training steps (64 crops each): a split "
-                                "with more regions per epoch makes fewer epochs instead of "
-                                "taking longer (default 7200, which 96 epochs of about 160 "
-                                "images with 3 objects each stay under; 0: no cap)")
+            length = p.add_mutually_exclusive_group()
+            length.add_argument("--pretrain-epochs", type=positive_int, metavar="N",
+                                help="trunk pre-training epochs (default: those that fill "
+                                     "--pretrain-steps; `sppnet demo` uses 16)")
+            length.add_argument("--pretrain-steps", type=positive_int, metavar="N",
+                                help="budget of the trunk's pre-training in steps of 64 crops, "
+                                     "filled with whole epochs: fewer on a split with many objects "
+                                     "per image, more on one with few (default 7200: 96 epochs on "
+                                     "about 160 images of 2.5 objects)")
             p.add_argument("--pretrain-redraw", type=non_negative_int, metavar="N",
                            help="draw new jittered and background regions for the trunk's "
                                 "pre-training every N epochs (default 1; 0: once)")

@@ -85,18 +85,21 @@ def _recipe_change(old: dict, new: dict) -> str:
     if old.get("weights") != new.get("weights"):
         return " -> ".join(f"weights {w}" if w else "pre-trained here"
                            for w in (old.get("weights"), new.get("weights")))
-    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted({*old, *new})
-                     if old.get(k) != new.get(k))
+    def shown(key: str, value: object) -> object:
+        return "the budget's" if key == "pretrain_epochs" and value is None else value
+
+    return ", ".join(f"{k} {shown(k, old.get(k))} -> {shown(k, new.get(k))}"
+                     for k in sorted({*old, *new}) if old.get(k) != new.get(k))
 
 
-SCHEDULE_FIELDS = ("pretrain_epochs", "pretrain_max_steps")
+SCHEDULE_FIELDS = ("pretrain_epochs", "pretrain_steps")
 
 
 def same_trunk_recipe(made_with: dict, recipe: dict, log: dict) -> bool:
     """Whether a saved trunk, pre-trained by `made_with` (its `log`: the epochs and steps it
-    ran), is the trunk `recipe` would make. The epochs and the step cap count only through the
-    epochs they give (`pretrain_epochs_run`), so a trunk the cap did not bind (or one made
-    before the cap, which ran all its epochs) is reused."""
+    ran), is the trunk `recipe` would make. The epochs and the step budget count only through
+    the epochs they give (`pretrain_epochs_run`), so a trunk of 96 epochs made before the
+    budget, or under another one, is reused where the budget gives the same epochs."""
     from detection.train import pretrain_epochs_run
 
     def rest(r: dict) -> dict:
@@ -110,7 +113,7 @@ def same_trunk_recipe(made_with: dict, recipe: dict, log: dict) -> bool:
     steps = log.get("steps")
     if not ran or not steps or steps % ran:
         return False
-    return pretrain_epochs_run(recipe["pretrain_epochs"], recipe.get("pretrain_max_steps"),
+    return pretrain_epochs_run(recipe["pretrain_epochs"], recipe["pretrain_steps"],
                                steps // ran) == ran
 
 

@@ -152,11 +152,19 @@ def _assert_rejected(capsys, flag: str, value: str) -> None:
 def test_pretrain_epochs_help_names_the_defaults_of_train_and_demo(capsys):
     """The help's numbers are the real defaults (the parser avoids importing torch for them)."""
     from detection.demo import DEMO_PRETRAIN_EPOCHS
-    from detection.train import TrainSettings
+    from detection.train import DEFAULT_PRETRAIN_EPOCHS, TrainSettings
 
-    assert (f"pre-training epochs (default {TrainSettings.pretrain_epochs}; `sppnet demo` uses "
-            f"{DEMO_PRETRAIN_EPOCHS})") in _train_help(capsys)
+    text = _train_help(capsys)
+    assert f"`sppnet demo` uses {DEMO_PRETRAIN_EPOCHS})" in text
+    assert (f"(default {TrainSettings.pretrain_steps}: {DEFAULT_PRETRAIN_EPOCHS} epochs on about "
+            "160 images of 2.5 objects)") in text
     _assert_rejected(capsys, "--pretrain-epochs", "0")
+    _assert_rejected(capsys, "--pretrain-steps", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--voc-root", "x", "--split", "t", "--method", "spp",
+              "--pretrain-epochs", "5", "--pretrain-steps", "100"])
+    assert exit_info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_pretraining_augmentation_help_and_bounds(capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import detection.demo as demo
-from detection.train import TrainSettings
+from detection.train import DEFAULT_PRETRAIN_EPOCHS, TrainSettings
 
 
 def test_the_demo_trains_with_its_shorter_pretraining(tmp_path, monkeypatch):
@@ -30,7 +30,7 @@ def test_the_demo_trains_with_its_shorter_pretraining(tmp_path, monkeypatch):
         demo.run_demo(tmp_path, torch.device("cpu"), seed=5, quiet=True)
     settings = seen["settings"]
     assert settings.seed == 5
-    assert settings.pretrain_epochs == demo.DEMO_PRETRAIN_EPOCHS < TrainSettings().pretrain_epochs
+    assert settings.pretrain_epochs == demo.DEMO_PRETRAIN_EPOCHS < DEFAULT_PRETRAIN_EPOCHS
     # `train`'s recipe (its augmentation and flips included), shorter and in fp32 on every host
     assert settings == TrainSettings(seed=5, pretrain_epochs=demo.DEMO_PRETRAIN_EPOCHS,
                                      pretrain_precision="fp32")

@@ -234,9 +234,9 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
 
 def test_a_trunk_is_reused_by_any_schedule_that_makes_the_same_epochs(drawn_voc, tmp_path,
                                                                       capsys):
-    """The epochs and the step cap count through the epochs they give: a trunk the cap did not
-    bind, or one saved before the cap existed, serves a run whose cap does not bind either; a
-    cap that binds makes it again, and serves a run asked for those epochs."""
+    """The epochs and the step budget count through the epochs they give: a trunk made by
+    asking for N epochs, or saved before the budget existed, serves a run whose budget gives N
+    epochs; a budget that gives others makes it again."""
     from detection.backbones import load_checkpoint, save_checkpoint, build_net
 
     def train(*extra):
@@ -247,21 +247,21 @@ def test_a_trunk_is_reused_by_any_schedule_that_makes_the_same_epochs(drawn_voc,
         return capsys.readouterr().err
 
     trunk = tmp_path / "work" / "models" / "drawn-small" / "trunk.pt"
-    assert "pre-training" in train("--pretrain-epochs", "2", "--pretrain-max-steps", "0")
+    assert "pre-training" in train("--pretrain-epochs", "2")
     config = load_checkpoint(trunk)["config"]
-    assert config["recipe"]["pretrain_max_steps"] is None and config["log"]["epochs"] == 2
+    assert config["recipe"]["pretrain_epochs"] == 2 and config["log"]["epochs"] == 2
     per_epoch = config["log"]["steps"] // 2
-    assert "trunk: reusing" in train("--pretrain-epochs", "2")     # the default cap: not bound
-    del config["recipe"]["pretrain_max_steps"]                     # saved before the cap
+    assert "trunk: reusing" in train("--pretrain-steps", str(2 * per_epoch))
+    del config["recipe"]["pretrain_steps"]                       # saved before the budget
     del config["log"]["epochs"]
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
-    assert "trunk: reusing" in train("--pretrain-epochs", "2")
-    err = train("--pretrain-epochs", "2", "--pretrain-max-steps", str(2 * per_epoch - 1))
-    assert "making it again" in err and f"pretrain_max_steps None -> {2 * per_epoch - 1}" in err
-    assert "1 of 2 epochs" in err
+    assert "trunk: reusing" in train("--pretrain-steps", str(3 * per_epoch - 1))
+    err = train("--pretrain-steps", str(per_epoch))
+    assert "making it again" in err and "pretrain_epochs 2 -> the budget's" in err
+    assert f"1 epochs of {per_epoch} steps" in err
     assert load_checkpoint(trunk)["config"]["log"]["epochs"] == 1
-    assert "trunk: reusing" in train("--pretrain-epochs", "1", "--pretrain-max-steps", "0")
-    assert "making it again" in train("--pretrain-epochs", "2", "--pretrain-max-steps", "0")
+    assert "trunk: reusing" in train("--pretrain-epochs", "1")
+    assert "making it again" in train("--pretrain-epochs", "2")
 
 
 def test_a_trunk_recipe_names_what_changed():
@@ -272,7 +272,7 @@ def test_a_trunk_recipe_names_what_changed():
     budgets = TrainSettings(conv5_memory=0.5, pretrain_crop_memory=0.1)
     assert trunk_recipe(budgets, "random") == here
     assert _recipe_change(here, trunk_recipe(TrainSettings(pretrain_epochs=3, seed=2), None)) == \
-        f"pretrain_epochs {TrainSettings().pretrain_epochs} -> 3, seed 0 -> 2"
+        "pretrain_epochs the budget's -> 3, seed 0 -> 2"
     assert _recipe_change(here, trunk_recipe(TrainSettings(), "imagenet")) == \
         "pre-trained here -> weights imagenet"
     imagenet = trunk_recipe(TrainSettings(), "imagenet")

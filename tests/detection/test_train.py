@@ -79,33 +79,34 @@ def test_redrawn_regions_are_new_regions(images, monkeypatch):
     assert not any(len(a) == len(b) and torch.equal(a, b) for a, b in zip(drawn, drawn[1:]))
 
 
-def test_the_step_cap_gives_fewer_whole_epochs_and_at_least_one():
-    assert train.pretrain_epochs_run(96, 7200, 72) == 96          # 6912 steps: under the cap
-    assert train.pretrain_epochs_run(96, 7200, 75) == 96          # exactly 7200
-    assert train.pretrain_epochs_run(96, 7200, 121) == 59         # 7139 steps
-    assert train.pretrain_epochs_run(96, None, 121) == 96
-    assert train.pretrain_epochs_run(3, 5, 10) == 1
+def test_the_step_budget_is_filled_with_whole_epochs():
+    run = train.pretrain_epochs_run
+    assert run(None, 7200, 72) == 96 and run(None, 7200, 74) == 96   # 6912, 7104: kept
+    assert run(None, 7200, 75) == 96                                  # exactly the budget
+    assert run(None, 7200, 119) == 60                                 # dense: 7140 steps
+    assert run(None, 7200, 56) == 128                                 # sparse: 7168 steps
+    assert run(None, 7200, 71) == 101                                 # 6816: 300+ under
+    assert run(None, 5, 10) == 1
+    assert run(12, 7200, 119) == 12 and run(12, 10, 119) == 12        # asked for: exactly
 
 
-def test_capped_pretraining_is_the_run_of_the_epochs_the_cap_allows(images, capsys):
-    """A split with more regions per epoch than the cap allows for all its epochs makes fewer
-    of them, says so, and ends as a run asked for that many epochs would."""
+def test_budgeted_pretraining_is_the_run_of_the_epochs_it_fills(images, capsys):
+    """By default pre-training makes the whole epochs that fill its step budget, says so, and
+    ends as a run asked for that many epochs would."""
     device = torch.device("cpu")
     two = _net()
     log = pretrain_trunk(two, images, 1, replace(SETTINGS, pretrain_epochs=2), device,
                          quiet=True)
+    assert log["epochs"] == 2 and "budget" not in capsys.readouterr().err
     per_epoch = log["steps"] // 2
-    capped = _net()
-    capped_log = pretrain_trunk(capped, images, 1,
-                                replace(SETTINGS, pretrain_max_steps=2 * per_epoch + 1),
-                                device, quiet=True)
-    assert _same_weights(capped, two)
-    assert (capped_log["epochs"], capped_log["steps"]) == (2, log["steps"])
+    budgeted = _net()
+    budget_log = pretrain_trunk(budgeted, images, 1,
+                                replace(SETTINGS, pretrain_epochs=None,
+                                        pretrain_steps=2 * per_epoch), device, quiet=True)
+    assert _same_weights(budgeted, two)
+    assert (budget_log["epochs"], budget_log["steps"]) == (2, log["steps"])
     err = capsys.readouterr().err
-    assert f"2 of 3 epochs ({per_epoch} steps each" in err and "--pretrain-max-steps" in err
-    full = pretrain_trunk(_net(), images, 1, replace(SETTINGS, pretrain_max_steps=None), device,
-                          quiet=True)
-    assert full["epochs"] == 3 and "of 3 epochs" not in capsys.readouterr().err
+    assert f"2 epochs of {per_epoch} steps" in err and "--pretrain-steps" in err
 
 
 def test_a_draw_for_one_epoch_cuts_one_crop_per_region_seen(images, monkeypatch):
