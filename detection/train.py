@@ -309,9 +309,9 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
     epochs = pretrain_epochs_run(settings.pretrain_epochs, settings.pretrain_steps,
                                  steps_per_epoch)
     if settings.pretrain_epochs is None:
-        print(f"pretrain: {epochs} epochs of {steps_per_epoch} steps ({len(crops)} regions "
-              f"each) for the budget of {settings.pretrain_steps} steps (--pretrain-steps N; "
-              "--pretrain-epochs N for N epochs)", file=sys.stderr)
+        print(f"pretrain: {epochs} epoch{'s' * (epochs != 1)} of {steps_per_epoch} steps "
+              f"({len(crops)} regions each) for the budget of {settings.pretrain_steps} steps "
+              "(--pretrain-steps N; --pretrain-epochs N for N epochs)", file=sys.stderr)
     total = steps_per_epoch * epochs
     modules = {"trunk": net.trunk, "spp_fc": net.spp_fc, "rcnn_fc": net.rcnn_fc, "heads": heads}
     key = run_key("pretrain", settings, num_classes, [im.image_id for im in images], len(crops))

@@ -258,7 +258,7 @@ def test_a_trunk_is_reused_by_any_schedule_that_makes_the_same_epochs(drawn_voc,
     assert "trunk: reusing" in train("--pretrain-steps", str(3 * per_epoch - 1))
     err = train("--pretrain-steps", str(per_epoch))
     assert "making it again" in err and "pretrain_epochs 2 -> the budget's" in err
-    assert f"1 epochs of {per_epoch} steps" in err
+    assert f"1 epoch of {per_epoch} steps" in err
     assert load_checkpoint(trunk)["config"]["log"]["epochs"] == 1
     assert "trunk: reusing" in train("--pretrain-epochs", "1")
     assert "making it again" in train("--pretrain-epochs", "2")
