@@ -100,6 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, pretrain_redraw=args.pretrain_redraw)
     if args.pretrain_color is not None:
         settings = replace(settings, pretrain_color=args.pretrain_color)
+    if args.pretrain_hue is not None:
+        settings = replace(settings, pretrain_hue=args.pretrain_hue)
     if args.pretrain_precision is not None:
         if (args.pretrain_precision == "bf16" and device.type == "cuda"
                 and not torch.cuda.is_bf16_supported()):
@@ -425,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="colour jitter of the pre-training crops: saturation and "
                                 "contrast x 1+-S, channels shifted by up to S pixel spreads "
                                 "(default 0.6; 0: none)")
+            p.add_argument("--pretrain-hue", type=fraction_below_one, metavar="H",
+                           help="of that shift, at most H pixel spreads are each channel's own, "
+                                "which turns hues, and the rest is common to the three "
+                                "(brightness): for classes told apart by their colour (default: "
+                                "all of it; 0.15 turns a photo's hues by a median 5 degrees "
+                                "instead of 16)")
             p.add_argument("--pretrain-precision", choices=("auto", "fp32", "bf16"),
                            help="number format of the trunk's forward pass in pre-training: "
                                 "bf16 (autocast; weights stay fp32) is faster on a CPU with "

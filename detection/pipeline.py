@@ -75,6 +75,9 @@ def trunk_recipe(settings: TrainSettings, weights: str | None) -> dict:
         return {"weights": str(weights)}
     fields = {k: v for k, v in asdict(settings).items()
               if k.startswith("pretrain_") and k not in MEMORY_FIELDS}
+    hue = fields["pretrain_hue"]      # recorded as None where it turns nothing or all
+    if hue is not None and (hue >= settings.pretrain_color or not settings.pretrain_color):
+        fields["pretrain_hue"] = None
     return {"weights": None, "seed": settings.seed, "weight_decay": settings.weight_decay,
             **fields}
 

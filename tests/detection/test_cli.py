@@ -173,8 +173,12 @@ def test_pretraining_augmentation_help_and_bounds(capsys):
     text = _train_help(capsys)
     assert f"every N epochs (default {TrainSettings.pretrain_redraw}; 0: once)" in text
     assert f"(default {TrainSettings.pretrain_color}; 0: none)" in text
+    assert TrainSettings.pretrain_hue is None
+    assert "(brightness): for classes told apart by their colour (default: all of it;" in \
+        " ".join(text.split())
     assert f"GPUs included (default {TrainSettings.pretrain_precision})" in text
     assert "--pretrain-precision {" + ",".join(PRECISION_CHOICES) + "}" in text
     for flag, bad in (("--pretrain-color", "1"), ("--pretrain-color", "-0.1"),
+                      ("--pretrain-hue", "-0.1"),
                       ("--pretrain-redraw", "-1"), ("--pretrain-precision", "fp16")):
         _assert_rejected(capsys, flag, bad)

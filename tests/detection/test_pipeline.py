@@ -204,7 +204,7 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     # a recipe saved before the augmentation and precision settings existed: made without
     # augmentation, in fp32
     config = load_checkpoint(trunk)["config"]
-    for key in ("pretrain_redraw", "pretrain_color", "pretrain_precision"):
+    for key in ("pretrain_redraw", "pretrain_color", "pretrain_precision", "pretrain_hue"):
         del config["recipe"][key]
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
     assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
@@ -213,6 +213,17 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     err = train("--pretrain-epochs", "2", "--seed", "1", "--pretrain-precision", "fp32")
     assert f"pretrain_color 0.0 -> {TrainSettings.pretrain_color}" in err
     assert f"pretrain_redraw 0 -> {TrainSettings.pretrain_redraw}" in err
+    # saved before `--pretrain-hue`: each channel shifted on its own, as a share of S or more
+    config = load_checkpoint(trunk)["config"]
+    del config["recipe"]["pretrain_hue"]
+    save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
+    assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
+                                     "--pretrain-precision", "fp32", "--pretrain-hue", "0.9")
+    assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
+                                     "--pretrain-precision", "fp32")
+    err = train("--pretrain-epochs", "2", "--seed", "1", "--pretrain-precision", "fp32",
+                "--pretrain-hue", "0.15")
+    assert "pretrain_hue None -> 0.15" in err and "making it again" in err
     err = train("--pretrain-epochs", "2", "--seed", "1", "--pretrain-precision", "bf16")
     assert "pretrain_precision fp32 -> bf16" in err and "making it again" in err
     # "auto" (the default) records the precision it chose, and the log says why

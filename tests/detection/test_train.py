@@ -146,6 +146,26 @@ def test_photometric_jitter_changes_each_crop_by_its_own_draw():
     assert (shift <= 0.6 * x.std() + 1e-3).all() and (shift > 0).all()
 
 
+def test_photometric_jitter_keeps_hue_to_its_own_share_of_the_shift():
+    x = torch.randn(6, 3, 20, 20) * 50
+    x -= x.mean((2, 3), keepdim=True)       # zero channel means: the gains keep them zero
+    spread = x.std()
+    old = train.photometric_jitter(x, 0.6, np.random.default_rng(0))
+    # None, or a share as large as the shift, is each channel on its own: the earlier jitter
+    for hue in (None, 0.6, 0.9):
+        assert torch.equal(train.photometric_jitter(x, 0.6, np.random.default_rng(0), hue), old)
+    for hue in (0.0, 0.15):
+        a = train.photometric_jitter(x, 0.6, np.random.default_rng(0), hue)
+        shift = (a - x).mean((2, 3))
+        own = shift - shift.mean(1, keepdim=True)
+        assert (shift.abs() <= 0.6 * spread + 1e-3).all()
+        assert (own.abs() <= 2 * hue * spread + 1e-3).all()
+        assert hue or torch.allclose(own, torch.zeros_like(own), atol=1e-3)
+    # the common part turns no hue but moves brightness
+    assert (train.photometric_jitter(x, 0.6, np.random.default_rng(0), 0.0) - x).mean(
+        (1, 2, 3)).abs().max() > 0.05 * spread
+
+
 def test_a_progress_file_of_other_settings_is_not_resumed(images, tmp_path, monkeypatch):
     device = torch.device("cpu")
     progress = tmp_path / "trunk.progress.pt"
