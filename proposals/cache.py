@@ -19,6 +19,11 @@ An entry is served only when the file parses, its `format`, `image_id`, `setting
 boxes match `count` and `boxes_sha256` (a damaged or truncated file is detected, reported as a
 miss and overwritten). Entries are written atomically (temporary file in the same folder, fsync,
 rename): a run killed with `kill -9` leaves complete entries or none, and a rerun resumes.
+
+Longer lists serve shorter ones: the kept boxes are the first `max_proposals` of a ranking that
+does not depend on it, so a cache made with more (`sppnet proposals`' 2000, say) holds every
+shorter list as its prefix. `for_dataset` finds such caches of the same dataset and otherwise
+equal settings, and `load` serves a miss from them, cut to length and stored here.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import io
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from glob import escape as glob_escape
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -86,11 +93,13 @@ class ProposalCache:
     `store(...)` writes one atomically. Safe for several processes writing different images.
     """
 
-    def __init__(self, directory: str | Path, settings: ProposalSettings) -> None:
+    def __init__(self, directory: str | Path, settings: ProposalSettings,
+                 longer: Sequence["ProposalCache"] = ()) -> None:
         self.directory = Path(directory)
         self.settings = settings
         self.settings_key = settings.key()
         self.damaged: list[str] = []  # ids whose entry existed but was unusable, this session
+        self.longer = tuple(longer)   # caches of longer lists that serve a miss (their prefix)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             settings_file = self.directory / "settings.json"
@@ -105,8 +114,10 @@ class ProposalCache:
     @classmethod
     def for_dataset(cls, workdir: str | Path, dataset_name: str,
                     settings: ProposalSettings) -> "ProposalCache":
-        """The cache of `dataset_name` under `workdir` (see `cache_dir`)."""
-        return cls(cache_dir(workdir, dataset_name, settings), settings)
+        """The cache of `dataset_name` under `workdir` (see `cache_dir`), served also from
+        the caches of that dataset with longer lists (`longer_caches`)."""
+        directory = cache_dir(workdir, dataset_name, settings)
+        return cls(directory, settings, longer_caches(directory, settings))
 
     def path(self, image_id: str) -> Path:
         """The entry file of `image_id`."""
@@ -120,6 +131,21 @@ class ProposalCache:
         """The entry of `image_id` if it exists, is intact, and was computed from an image with
         `image_sha256` under these settings; else None (a damaged entry is noted in
         `self.damaged` and will be overwritten by the next `store`)."""
+        entry = self._load_own(image_id, image_sha256)
+        if entry is not None:
+            return entry
+        for longer in self.longer:
+            found = longer._load_own(image_id, image_sha256)
+            if found is not None:
+                boxes = np.ascontiguousarray(found.boxes[:self.settings.max_proposals])
+                self.store(image_id, image_sha256, boxes, found.seconds, found.width,
+                           found.height)
+                return CacheEntry(image_id, boxes, found.seconds, found.width, found.height,
+                                  image_sha256)
+        return None
+
+    def _load_own(self, image_id: str, image_sha256: str) -> CacheEntry | None:
+        """`load` from this cache's own folder only."""
         path = self.path(image_id)
         try:
             raw = path.read_bytes()
@@ -168,6 +194,33 @@ class ProposalCache:
                     tmp.unlink()
             except OSError:
                 pass
+
+
+def longer_caches(directory: Path, settings: ProposalSettings) -> list[ProposalCache]:
+    """The caches beside `directory` (same dataset) whose settings differ from `settings` only
+    by a larger `max_proposals`, largest first. A folder whose `settings.json` is missing,
+    unreadable or not of this algorithm version is passed over."""
+    prefix = directory.name[:-len(settings.key())]
+    found = []
+    try:
+        siblings = sorted(directory.parent.glob(f"{glob_escape(prefix)}*"))
+    except OSError:
+        return []
+    for folder in siblings:
+        if folder == directory or len(folder.name) != len(directory.name):
+            continue
+        try:
+            recorded = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
+            other = ProposalSettings(**recorded["settings"])
+        except Exception:  # noqa: BLE001 - any unreadable folder is simply not used
+            continue
+        if (recorded.get("format") != FORMAT or other.key() != recorded.get("key")
+                or other.key() != folder.name[len(prefix):]):
+            continue
+        if (other.max_proposals > settings.max_proposals
+                and replace(other, max_proposals=settings.max_proposals) == settings):
+            found.append(ProposalCache(folder, other))
+    return sorted(found, key=lambda c: -c.settings.max_proposals)
 
 
 def _parse_entry(raw: bytes) -> tuple[dict, np.ndarray] | None:

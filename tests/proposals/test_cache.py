@@ -139,3 +139,66 @@ def test_stale_temporaries_are_cleaned(tmp_path):
     os.utime(old, (0, 0))
     ProposalCache(folder, settings)
     assert not old.exists() and new.exists()
+
+
+def _ranked(n: int) -> np.ndarray:
+    """`n` distinct boxes in rank order."""
+    i = np.arange(n, dtype=np.float32)[:, None]
+    return np.concatenate([i, i, i + 20, i + 30], axis=1)
+
+
+def test_a_longer_list_serves_a_shorter_one_as_its_prefix(tmp_path):
+    work = tmp_path / "work"
+    long = ProposalCache.for_dataset(work, "photos", ProposalSettings(max_proposals=50))
+    long.store("img", "ab" * 32, _ranked(50), 1.5, 80, 60)
+    short = ProposalCache.for_dataset(work, "photos", ProposalSettings(max_proposals=20))
+    entry = short.load("img", "ab" * 32)
+    np.testing.assert_array_equal(entry.boxes, _ranked(20))
+    assert (entry.seconds, entry.width, entry.height) == (1.5, 80, 60)
+    assert short.path("img").is_file()                       # stored in its own folder too
+    long.path("img").unlink()
+    np.testing.assert_array_equal(short.load("img", "ab" * 32).boxes, _ranked(20))
+    assert short.load("img", "cd" * 32) is None              # other image bytes: a miss
+
+
+def test_only_longer_lists_of_the_same_dataset_and_settings_serve(tmp_path):
+    work = tmp_path / "work"
+    for name, settings in [("photos", ProposalSettings(max_proposals=10)),        # shorter
+                           ("photos", ProposalSettings(max_proposals=50, min_size=5)),
+                           ("photos2", ProposalSettings(max_proposals=50)),       # other set
+                           ("photos-x", ProposalSettings(max_proposals=50))]:
+        ProposalCache.for_dataset(work, name, settings).store("img", "ab" * 32, _ranked(10),
+                                                             1.0, 80, 60)
+    cache = ProposalCache.for_dataset(work, "photos", ProposalSettings(max_proposals=20))
+    assert cache.longer == () and cache.load("img", "ab" * 32) is None
+    # a folder whose settings file is damaged is passed over, not an error
+    bad = cache_dir(work, "photos", ProposalSettings(max_proposals=99))
+    bad.mkdir(parents=True)
+    (bad / "settings.json").write_text("{not json")
+    assert ProposalCache.for_dataset(work, "photos", ProposalSettings(max_proposals=20)).longer == ()
+
+
+def test_the_pipeline_reads_proposals_that_sppnet_proposals_made(tmp_path, monkeypatch):
+    """train / eval (`dataset_proposals`, the preset's 500) reuse `sppnet proposals`' 2000."""
+    from data.voc import open_voc
+    from detection import pipeline
+    from proposals import runner
+
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("a\n")
+    (root / "JPEGImages" / "a.jpg").write_bytes(b"not searched: served from the cache")
+    (root / "Annotations" / "a.xml").write_text(
+        "<annotation><size><width>80</width><height>60</height></size><object><name>cat</name>"
+        "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>20</xmax><ymax>20</ymax></bndbox></object>"
+        "</annotation>")
+    dataset = open_voc(root, "test")
+    long = ProposalCache.for_dataset(tmp_path / "w", dataset.name, ProposalSettings())
+    long.store("a", file_sha256(root / "JPEGImages" / "a.jpg"), _ranked(700), 2.0, 80, 60)
+    monkeypatch.setattr(runner, "_run_inline", lambda *a, **k: pytest.fail("searched again"))
+    boxes, run = pipeline.dataset_proposals(dataset, tmp_path / "w", 500, jobs=1,
+                                            progress=False)
+    np.testing.assert_array_equal(boxes["a"], _ranked(500))
+    assert run.cached == 1

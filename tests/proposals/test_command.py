@@ -48,11 +48,22 @@ def test_end_to_end_then_served_from_cache(drawn_voc, tmp_path, capsys):
 def test_other_settings_are_computed_again(drawn_voc, tmp_path, capsys):
     work, out_json = tmp_path / "work", tmp_path / "p.json"
     assert _run(drawn_voc, work, "--jobs", "1") == 0
-    assert _run(drawn_voc, work, "--jobs", "1", "--max-proposals", "5",
+    assert _run(drawn_voc, work, "--jobs", "1", "--min-size", "5",
                 "--json", str(out_json)) == 0
     summary = json.loads(out_json.read_text())
-    assert summary["computed"] == 3 and summary["boxes_per_image"] <= 5
+    assert summary["computed"] == 3
     assert len(list((work / "proposals").iterdir())) == 2
+
+
+def test_a_shorter_list_is_cut_from_a_longer_one(drawn_voc, tmp_path, capsys):
+    work, long_json, short_json = tmp_path / "work", tmp_path / "l.json", tmp_path / "s.json"
+    assert _run(drawn_voc, work, "--jobs", "1", "--json", str(long_json)) == 0
+    assert _run(drawn_voc, work, "--jobs", "1", "--max-proposals", "5",
+                "--json", str(short_json)) == 0
+    summary = json.loads(short_json.read_text())
+    assert summary["computed"] == 0 and summary["cached"] == 3
+    assert json.loads(long_json.read_text())["boxes_per_image"] > 5 >= summary["boxes_per_image"]
+    assert len(list((work / "proposals").iterdir())) == 2   # and stored under its own settings
 
 
 def test_bad_image_is_reported_and_the_rest_finish(drawn_voc, tmp_path, capsys):
