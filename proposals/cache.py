@@ -129,7 +129,8 @@ class ProposalCache:
 
     def load(self, image_id: str, image_sha256: str) -> CacheEntry | None:
         """The entry of `image_id` if it exists, is intact, and was computed from an image with
-        `image_sha256` under these settings; else None (a damaged entry is noted in
+        `image_sha256` under these settings, or else the same from a cache of a longer list,
+        cut to this one's length and stored here; else None (a damaged entry is noted in
         `self.damaged` and will be overwritten by the next `store`)."""
         entry = self._load_own(image_id, image_sha256)
         if entry is not None:
