@@ -102,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, pretrain_color=args.pretrain_color)
     if args.pretrain_hue is not None:
         settings = replace(settings, pretrain_hue=args.pretrain_hue)
+    if args.pretrain_aspect is not None:
+        settings = replace(settings, pretrain_aspect=args.pretrain_aspect)
     if args.pretrain_precision is not None:
         if (args.pretrain_precision == "bf16" and device.type == "cuda"
                 and not torch.cuda.is_bf16_supported()):
@@ -433,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(brightness): for classes told apart by their colour (default: "
                                 "all of it; 0.15 turns a photo's hues by a median 5 degrees "
                                 "instead of 16)")
+            p.add_argument("--pretrain-aspect", action=argparse.BooleanOptionalAction,
+                           help="the SPP head's pre-training crops keep each box's shape, as "
+                                "SPP-net's test sees it, instead of squashing it to a square "
+                                "as R-CNN's warps do (default: off)")
             p.add_argument("--pretrain-precision", choices=("auto", "fp32", "bf16"),
                            help="number format of the trunk's forward pass in pre-training: "
                                 "bf16 (autocast; weights stay fp32) is faster on a CPU with "

@@ -42,6 +42,28 @@ def context_margin(box_side: int, context: float) -> int:
     return int(round(box_side * context))
 
 
+def aspect_context_squares(boxes: Tensor, box_side: int, context_side: int
+                           ) -> tuple[Tensor, Tensor]:
+    """Context crops that keep each box's shape, as SPP-net's test pools a box inside its image
+    (R-CNN's warps squash it to a square). For boxes `[N, 4]` (0-based inclusive pixels), the
+    square image regions `[N, 4]` (the same form) that, warped to `context_side` pixels, show
+    the box at an isotropic scale where its area is `box_side`**2 (the test's rule for the
+    scale of a box), shrunk where its longer side would leave less than half of the margin
+    around it, centred; and the box's place in that crop, `[N, 4]` pixel edges `(x1, y1, x2,
+    y2)`."""
+    b = boxes.to(torch.float32)
+    size = (b[:, 2:] - b[:, :2] + 1).clamp(min=1)                    # w, h in pixels
+    margin = (context_side - box_side) / 2
+    longest = box_side + margin                                     # half the margin left
+    scale = torch.minimum(box_side / size.prod(1).sqrt(), longest / size.amax(1))
+    centre = (b[:, :2] + b[:, 2:] + 1) / 2                          # pixel edges
+    half = (context_side / 2) / scale
+    squares = torch.cat([centre - half[:, None], centre + half[:, None] - 1], dim=1)
+    shown = size * scale[:, None] / 2
+    place = torch.cat([context_side / 2 - shown, context_side / 2 + shown], dim=1)
+    return squares, place
+
+
 def jitter_boxes(boxes: Tensor, count: int, rng: np.random.Generator,
                  min_iou: float = 0.6) -> tuple[Tensor, Tensor]:
     """Up to `count` random shifts and rescalings of each box `[G, 4]` with IoU >= `min_iou` to
@@ -66,12 +88,24 @@ class PretrainCrops:
 
     def __init__(self, net: DetectorNet, images: Sequence[TrainImage], boxes: Tensor,
                  labels: Tensor, image_index: Tensor, context: float, memory_gib: float,
-                 progress: Callable[[Iterable], Iterable] | None = None) -> None:
+                 progress: Callable[[Iterable], Iterable] | None = None,
+                 aspect: bool = False) -> None:
         self.net, self.images, self.progress = net, images, progress
         self.boxes, self.labels, self.image_index = boxes, labels, image_index
         self.box_side = context_box_side(net.crop_size)
         self.margin = context_margin(self.box_side, context)
         self.context_side = self.box_side + 2 * self.margin
+        # where each box lies in its context crop (pixel edges): the middle square, or with
+        # `aspect` its own shape (`aspect_context_squares`)
+        self.aspect = aspect
+        if aspect:
+            self._squares, self.places = aspect_context_squares(boxes, self.box_side,
+                                                                self.context_side)
+        else:
+            self._squares = None
+            inner = torch.tensor([self.margin, self.margin, self.context_side - self.margin,
+                                  self.context_side - self.margin], dtype=torch.float32)
+            self.places = inner.expand(len(boxes), 4)
         self.in_memory = self.nbytes() <= memory_gib * GIB
         self._crops = self._context = self._ready = None
         if self.in_memory:
@@ -107,14 +141,14 @@ class PretrainCrops:
             in_group = torch.isin(self.image_index, torch.tensor(group))
             with torch.inference_mode():
                 pre = {i: self.net.preprocess(self.images[i].pixels) for i in group}
-                for kind, (store, side, margin) in enumerate((
-                        (self._crops, self.net.crop_size, None),
-                        (self._context, self.context_side, self.margin))):
+                for kind, (store, side) in enumerate((
+                        (self._crops, self.net.crop_size), (self._context, self.context_side))):
                     rows = torch.nonzero(need[kind] & in_group).flatten()   # in image order
                     if len(rows) == 0:
                         continue
                     owner = self.image_index[rows]
-                    pairs = [(pre[i], self.boxes[rows[owner == i]]) for i in group
+                    regions, margin = self._regions(rows, context=kind == 1)
+                    pairs = [(pre[i], regions[owner == i]) for i in group
                              if bool((owner == i).any())]
                     store[rows] = warp_images(pairs, side, margin).half().cpu()
             self._ready[:, in_group] |= need[:, in_group]
@@ -125,10 +159,22 @@ class PretrainCrops:
         the context crops (True) or the R-CNN warps (False)."""
         with torch.inference_mode():
             pre = self.net.preprocess(self.images[image].pixels)     # on the net's device
-            boxes = self.boxes[rows]
-            return [(warp_regions(pre, boxes, self.context_side, self.margin) if context
-                     else warp_regions(pre, boxes, self.net.crop_size)).half().cpu()
-                    for context in kinds]
+            out = []
+            for context in kinds:
+                regions, margin = self._regions(rows, context)
+                side = self.context_side if context else self.net.crop_size
+                out.append(warp_regions(pre, regions, side, margin).half().cpu())
+            return out
+
+    def _regions(self, rows: Tensor, context: bool) -> tuple[Tensor, float | None]:
+        """The boxes to warp for the regions `rows` and the context (crop pixels) to add: the
+        boxes with R-CNN's context, or for the context crops the boxes with `margin` pixels
+        around them, or with `aspect` their squares as they are."""
+        if not context:
+            return self.boxes[rows], None
+        if self.aspect:
+            return self._squares[rows], 0.0
+        return self.boxes[rows], self.margin
 
     def batch(self, idx: Tensor, context: bool = False) -> Tensor:
         """The R-CNN warps (or with `context`, the context crops) of the regions `idx`, in that
@@ -172,4 +218,5 @@ def pretrain_crops(net: DetectorNet, images: Sequence[TrainImage], settings: Tra
     return PretrainCrops(net, images, cat(boxes, torch.zeros((0, 4))),
                          cat(labels, torch.zeros(0, dtype=torch.int64)),
                          cat(owners, torch.zeros(0, dtype=torch.int64)),
-                         settings.pretrain_context, settings.pretrain_crop_memory, progress)
+                         settings.pretrain_context, settings.pretrain_crop_memory, progress,
+                         aspect=settings.pretrain_aspect)

@@ -232,6 +232,14 @@ def _roi_pool_batch(batch: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Ten
                       for n in levels], dim=1)
 
 
+def spp_pool_batch(maps: Tensor, windows: Tensor, levels: Sequence[int] = SPP_LEVELS) -> Tensor:
+    """Pyramid-pool one window of each map of a batch: `maps` `[B, C, H, W]`, `windows` int64
+    `[B, 4]` cell boxes inside the maps (window i of map i). `[B, C * sum(n*n)]`, differentiable
+    (pre-training pools each crop's box this way)."""
+    rois = torch.cat([torch.arange(len(windows), device=windows.device)[:, None], windows], 1)
+    return _roi_pool_batch(maps, rois, tuple(int(n) for n in levels))
+
+
 def spp_pool_maps(fmaps: Sequence[Tensor], windows: Tensor,
                   levels: Sequence[int] = SPP_LEVELS) -> Tensor:
     """Pyramid-pool windows of several maps with one `roi_pool` call (`_roi_pool_batch`):

@@ -41,10 +41,10 @@ from detection.conv5_cache import Conv5Cache, build_conv5_cache
 from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_maps,
                                 conv_maps_for_boxes, extract, spp_from_maps)
 from detection.memory import release_now_and_then
-from detection.pretrain_crops import context_margin, pretrain_crops
+from detection.pretrain_crops import PretrainCrops, context_margin, pretrain_crops
 from detection.rcnn_warp import warp_images
 from detection.scales import box_target_side, scale_factor
-from detection.spp import project_boxes, spp_pool_maps
+from detection.spp import project_boxes, spp_pool_batch, spp_pool_maps
 from detection.regions import FG_IOU, LabelledRegions, label_regions, sample_rows
 
 
@@ -96,6 +96,10 @@ class TrainSettings:
     # its trunks scored as fp32's for SPP-net and 0.013 below for R-CNN (README, "Pre-training
     # in bf16")
     pretrain_precision: str = "auto"
+    # the SPP head's context crops keep each box's shape (`aspect_context_squares`), as
+    # SPP-net's test sees an object inside its image, instead of squashing it to a square as
+    # R-CNN's warps do; the steps at the warp size still read the warps
+    pretrain_aspect: bool = False
     finetune_iters: int | None = None  # None: 1500 for SPP-net (fc only, cheap), 400 for R-CNN
     scale_choice_fraction: float = 0.2  # SPP-net's fit that ranks test scales: this x iters
     finetune_batch: int = 128
@@ -155,7 +159,8 @@ def _adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimize
 # versions before it did)
 NO_AUGMENTATION = {"pretrain_redraw": 0, "pretrain_color": 0.0}
 # what a trunk's recorded recipe means by the settings that came after it was saved
-EARLIER_RECIPE = {**NO_AUGMENTATION, "pretrain_precision": "fp32", "pretrain_hue": None}
+EARLIER_RECIPE = {**NO_AUGMENTATION, "pretrain_precision": "fp32", "pretrain_hue": None,
+                  "pretrain_aspect": False}
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 
@@ -250,6 +255,18 @@ def box_window(net: DetectorNet, side: int, margin: float) -> list[int]:
     cells = output_side(net.trunk, side)
     box = torch.tensor([[margin, margin, side - margin - 1, side - margin - 1]])
     return project_boxes(box, net.stride, net.first_centre, cells, cells)[0].tolist()
+
+
+def crop_windows(net: DetectorNet, crops: PretrainCrops, idx: Tensor, side: int,
+                 flip: bool) -> Tensor:
+    """The conv5 cell windows `[B, 4]` of the boxes of context crops `idx` resized to `side`
+    pixels (and flipped left to right with `flip`), projected as the test projects boxes."""
+    place = crops.places[idx] * (side / crops.context_side)             # pixel edges
+    if flip:
+        place = torch.stack([side - place[:, 2], place[:, 1], side - place[:, 0], place[:, 3]], 1)
+    cells = output_side(net.trunk, side)
+    return project_boxes(torch.cat([place[:, :2], place[:, 2:] - 1], 1), net.stride,
+                         net.first_centre, cells, cells)
 
 
 def photometric_jitter(x: Tensor, strength: float, rng: np.random.Generator,
@@ -372,9 +389,15 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
                                 enabled=settings.pretrain_precision == "bf16"):
                 conv5 = net.trunk(x)
             conv5 = conv5.float()      # the heads in fp32, as validated (a no-op in fp32)
-            pooled_map = conv5 if window is None else \
-                conv5[:, :, window[1]:window[3] + 1, window[0]:window[2] + 1]
-            loss = F.cross_entropy(heads["spp"](net.spp_fc(spp_full_window(net, pooled_map))), y)
+            if window is not None and crops.aspect:    # each box its own window
+                pooled = spp_pool_batch(conv5, crop_windows(net, crops, idx, side, flip),
+                                        net.spp_levels)
+            elif window is not None:
+                pooled = spp_full_window(
+                    net, conv5[:, :, window[1]:window[3] + 1, window[0]:window[2] + 1])
+            else:
+                pooled = spp_full_window(net, conv5)
+            loss = F.cross_entropy(heads["spp"](net.spp_fc(pooled)), y)
             if s == size:
                 loss = loss + F.cross_entropy(
                     heads["rcnn"](net.rcnn_fc(net.pool5(conv5).flatten(1))), y)

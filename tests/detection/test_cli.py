@@ -177,6 +177,9 @@ def test_pretraining_augmentation_help_and_bounds(capsys):
     assert "(brightness): for classes told apart by their colour (default: all of it;" in \
         " ".join(text.split())
     assert f"GPUs included (default {TrainSettings.pretrain_precision})" in text
+    assert TrainSettings.pretrain_aspect is False
+    assert "--pretrain-aspect, --no-pretrain-aspect" in text and \
+        "as R-CNN's warps do (default: off)" in " ".join(text.split())
     assert "--pretrain-precision {" + ",".join(PRECISION_CHOICES) + "}" in text
     for flag, bad in (("--pretrain-color", "1"), ("--pretrain-color", "-0.1"),
                       ("--pretrain-hue", "-0.1"),

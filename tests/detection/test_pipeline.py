@@ -236,6 +236,16 @@ def test_a_trunk_is_reused_only_when_made_with_the_runs_settings(drawn_voc, tmp_
     assert "pretrain_precision fp32 -> bf16" in err and "SPP head, bf16: auto on this CPU" in err
     assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
                                      "--pretrain-precision", "bf16")
+    # saved before `--pretrain-aspect`: squashed context crops
+    config = load_checkpoint(trunk)["config"]
+    del config["recipe"]["pretrain_aspect"]
+    save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)
+    assert "trunk: reusing" in train("--pretrain-epochs", "2", "--seed", "1",
+                                     "--pretrain-precision", "bf16", "--no-pretrain-aspect")
+    err = train("--pretrain-epochs", "2", "--seed", "1", "--pretrain-precision", "bf16",
+                "--pretrain-aspect")
+    assert "pretrain_aspect False -> True" in err and "making it again" in err
+    assert load_checkpoint(trunk)["config"]["recipe"]["pretrain_aspect"] is True
     config = load_checkpoint(trunk)["config"]
     del config["recipe"]                                     # as an earlier version saved it
     save_checkpoint(build_net("zf5_small", trunk, crop_size=99), trunk, config)

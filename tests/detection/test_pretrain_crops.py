@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from detection.backbones import build_net
-from detection.pretrain_crops import context_box_side, context_margin, pretrain_crops
+from detection.pretrain_crops import (aspect_context_squares, context_box_side, context_margin,
+                                      pretrain_crops)
 from detection.regions import label_regions
-from detection.train import TrainImage, TrainSettings, box_window
+from detection.train import TrainImage, TrainSettings, box_window, crop_windows
 
 SETTINGS = TrainSettings(pretrain_jitters=3, pretrain_background=5)
 
@@ -56,6 +58,55 @@ def test_crops_for_the_spp_head_keep_real_context_around_the_box():
     window = box_window(net, context.shape[-1], margin)
     cells = window[2] - window[0] + 1
     assert window[0] == window[1] and 0 < cells < box // net.stride + 2
+
+
+def test_aspect_crops_show_each_box_with_its_shape_at_the_test_scale():
+    """With `pretrain_aspect` the context crop scales the image evenly, so that the box's area
+    is `box_side`**2 as at the scale SPP-net's test pools it at, and centres it; `places` says
+    where it is. A long box is shrunk to leave half the margin around it."""
+    pixels = np.full((150, 200, 3), 40, dtype=np.uint8)
+    pixels[50:90, 40:100] = 220                                   # a bright 60 x 40 object
+    gt = torch.tensor([[40.0, 50.0, 99.0, 89.0]])
+    regions = label_regions(np.zeros((0, 4)), gt, torch.ones(1, dtype=torch.int64), 1)
+    settings = TrainSettings(pretrain_jitters=0, pretrain_background=0, pretrain_aspect=True)
+    crops = pretrain_crops(_net(), [TrainImage("a", pixels, regions)], settings,
+                           np.random.default_rng(0))
+    side, box = crops.context_side, crops.box_side
+    x1, y1, x2, y2 = crops.places[0].tolist()
+    assert (x2 - x1) / (y2 - y1) == pytest.approx(1.5)             # the object's own shape
+    assert x1 + x2 == pytest.approx(side) and y1 + y2 == pytest.approx(side)
+    assert (x2 - x1) * (y2 - y1) == pytest.approx(box ** 2, rel=1e-4)
+    c = crops.batch(torch.tensor([0]), context=True)[0, 0]
+    bright = torch.nonzero(c > c.min() + 0.5 * (c.max() - c.min()))
+    assert bright[:, 1].min() == pytest.approx(x1, abs=1) and bright[:, 1].max() + 1 == \
+        pytest.approx(x2, abs=1)
+    assert bright[:, 0].min() == pytest.approx(y1, abs=1) and bright[:, 0].max() + 1 == \
+        pytest.approx(y2, abs=1)
+    squares, places = aspect_context_squares(torch.tensor([[0.0, 0.0, 399.0, 9.0]]), box, side)
+    margin = (side - box) / 2
+    assert places[0, 2] - places[0, 0] == pytest.approx(box + margin)   # 40:1, shrunk to fit
+    assert squares[0, 2] - squares[0, 0] + 1 == pytest.approx(400 * side / (box + margin))
+
+
+def test_aspect_crop_windows_follow_the_box_when_resized_and_flipped():
+    """The conv5 window of each crop's box: as `box_window` for a centred square box, and
+    mirrored with the crop."""
+    net = _net()
+    settings = TrainSettings(pretrain_jitters=0, pretrain_background=0)
+    pixels = np.zeros((100, 100, 3), dtype=np.uint8)
+    gt = torch.tensor([[20.0, 20.0, 59.0, 59.0]])
+    regions = label_regions(np.zeros((0, 4)), gt, torch.ones(1, dtype=torch.int64), 1)
+    square = pretrain_crops(net, [TrainImage("a", pixels, regions)], settings,
+                            np.random.default_rng(0))
+    side = square.context_side
+    assert crop_windows(net, square, torch.tensor([0]), side, False)[0].tolist() == \
+        box_window(net, side, square.margin)
+    wide = square
+    wide.places = torch.tensor([[10.0, 40.0, 60.0, 70.0]])
+    plain = crop_windows(net, wide, torch.tensor([0]), side, False)[0]
+    flipped = crop_windows(net, wide, torch.tensor([0]), side, True)[0]
+    cells = plain.new_tensor(box_window(net, side, 0)[2])        # last cell of the map
+    assert flipped.tolist() == [cells - plain[2], plain[1], cells - plain[0], plain[3]]
 
 
 def test_crops_cut_per_minibatch_equal_the_crops_held_in_memory(draw):

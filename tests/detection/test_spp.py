@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detection.spp import (FEW_WINDOWS, SpatialPyramidPool, project_boxes, spp_output_size,
-                          spp_pool, spp_pool_maps)
+                          spp_pool, spp_pool_batch, spp_pool_maps)
 
 
 def reference_spp(fmap, windows, levels):
@@ -57,6 +57,26 @@ def test_windows_of_several_maps_pool_as_each_map_alone(dtype):
                           for k, w in zip(windows[:, 0], windows[:, 1:])])
     assert ours.dtype == torch.float32 and torch.equal(ours, expected)
     assert ours.max() < 0                           # never the zeros of the padding
+
+
+def test_one_window_per_map_of_a_batch_pools_as_that_map_alone_and_passes_gradients():
+    """`spp_pool_batch` (pre-training's crops, each with its own box) gives window i the bins of
+    map i, and the gradient reaches exactly the cells that are some bin's maximum."""
+    g = torch.Generator().manual_seed(7)
+    maps = (torch.randn(5, 4, 8, 9, generator=g) - 3).requires_grad_()
+    windows = random_windows(g, 8, 9, 5)
+    windows[0] = torch.tensor([0, 0, 8, 7])
+    pooled = spp_pool_batch(maps, windows, (1, 2, 3, 6))
+    expected = torch.cat([reference_spp(maps[i].detach(), windows[i:i + 1], (1, 2, 3, 6))
+                          for i in range(5)])
+    assert torch.equal(pooled.detach(), expected)
+    pooled.sum().backward()
+    touched = maps.grad != 0
+    assert touched.any() and maps.grad.min() >= 0
+    for i, (x1, y1, x2, y2) in enumerate(windows.tolist()):
+        inside = torch.zeros(4, 8, 9, dtype=torch.bool)
+        inside[:, y1:y2 + 1, x1:x2 + 1] = True
+        assert not touched[i][~inside].any()        # nothing outside the window, nor other maps
 
 
 def test_one_cell_windows_repeat_the_cell():
