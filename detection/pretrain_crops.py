@@ -3,9 +3,10 @@
 Every region (a ground-truth object, a jittered copy of one, or a background proposal) is cut
 twice: R-CNN's warp at the net's crop size, and a square crop with real image context around the
 box for the SPP head (`context_box_side` for the box, `context_margin` of real pixels on each
-side). On a small dataset the crops are held in memory as fp16, each cut when first needed: an
-epoch that sees every region once needs only one of its two crops, so a draw used for one epoch
-cuts half of them (`PretrainCrops.cut`). When they would not fit
+side; with `TrainSettings.pretrain_aspect` the box keeps its shape in it,
+`aspect_context_squares`). On a small dataset the crops are held in memory as fp16, each cut
+when first needed: an epoch that sees every region once needs only one of its two crops, so a
+draw used for one epoch cuts half of them (`PretrainCrops.cut`). When they would not fit
 `TrainSettings.pretrain_crop_memory` (VOC2007 with the `paper` preset: ~150 000 regions, some
 130 GB) only the boxes are kept and each minibatch's crops are cut from the images when it is
 drawn. Every way gives the same pixels, so training does not depend on which one ran.
