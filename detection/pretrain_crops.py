@@ -168,9 +168,9 @@ class PretrainCrops:
             return out
 
     def _regions(self, rows: Tensor, context: bool) -> tuple[Tensor, float | None]:
-        """The boxes to warp for the regions `rows` and the context (crop pixels) to add: the
-        boxes with R-CNN's context, or for the context crops the boxes with `margin` pixels
-        around them, or with `aspect` their squares as they are."""
+        """What to warp for the regions `rows`, and the context in crop pixels to add around
+        it: for R-CNN's warps the boxes with R-CNN's context (None); for the context crops the
+        boxes with `margin` pixels, or with `aspect` their even-scaled squares as they are."""
         if not context:
             return self.boxes[rows], None
         if self.aspect:

@@ -101,10 +101,9 @@ def test_aspect_crop_windows_follow_the_box_when_resized_and_flipped():
     side = square.context_side
     assert crop_windows(net, square, torch.tensor([0]), side, False)[0].tolist() == \
         box_window(net, side, square.margin)
-    wide = square
-    wide.places = torch.tensor([[10.0, 40.0, 60.0, 70.0]])
-    plain = crop_windows(net, wide, torch.tensor([0]), side, False)[0]
-    flipped = crop_windows(net, wide, torch.tensor([0]), side, True)[0]
+    square.places = torch.tensor([[10.0, 40.0, 60.0, 70.0]])     # a wide box, off centre
+    plain = crop_windows(net, square, torch.tensor([0]), side, False)[0]
+    flipped = crop_windows(net, square, torch.tensor([0]), side, True)[0]
     cells = plain.new_tensor(box_window(net, side, 0)[2])        # last cell of the map
     assert flipped.tolist() == [cells - plain[2], plain[1], cells - plain[0], plain[3]]
 
