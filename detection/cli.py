@@ -75,6 +75,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train SPP-net or R-CNN on a VOC-layout split."""
+    if args.pretrain_minutes is not None and args.pretrain_epochs is not None:
+        raise SppnetError("--pretrain-epochs N runs exactly N epochs; --pretrain-minutes caps "
+                          "the step budget instead: give one of them")
     import torch
 
     from data.voc import open_voc, parse_class_list
@@ -96,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = replace(settings, pretrain_epochs=args.pretrain_epochs)
     if args.pretrain_steps is not None:
         settings = replace(settings, pretrain_steps=args.pretrain_steps)
+    if args.pretrain_minutes is not None:
+        settings = replace(settings, pretrain_minutes=args.pretrain_minutes)
     if args.pretrain_redraw is not None:
         settings = replace(settings, pretrain_redraw=args.pretrain_redraw)
     if args.pretrain_color is not None:
@@ -422,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "filled with whole epochs: fewer on a split with many objects "
                                      "per image, more on one with few (default 7200: 96 epochs on "
                                      "about 160 images of 2.5 objects)")
+            p.add_argument("--pretrain-minutes", type=non_negative_float, metavar="M",
+                           help="end the pre-training at the budget's epochs that fit in M "
+                                "minutes, judged by its first two epochs, but never below half "
+                                "the budget (default 20; 0: the whole budget however long it "
+                                "takes; not with --pretrain-epochs)")
             p.add_argument("--pretrain-redraw", type=non_negative_int, metavar="N",
                            help="draw new jittered and background regions for the trunk's "
                                 "pre-training every N epochs (default 1; 0: once)")

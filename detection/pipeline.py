@@ -95,14 +95,16 @@ def _recipe_change(old: dict, new: dict) -> str:
                      for k in sorted({*old, *new}) if old.get(k) != new.get(k))
 
 
-SCHEDULE_FIELDS = ("pretrain_epochs", "pretrain_steps")
+SCHEDULE_FIELDS = ("pretrain_epochs", "pretrain_steps", "pretrain_minutes")
 
 
 def same_trunk_recipe(made_with: dict, recipe: dict, log: dict) -> bool:
     """Whether a saved trunk, pre-trained by `made_with` (its `log`: the epochs and steps it
     ran), is the trunk `recipe` would make. The epochs and the step budget count only through
     the epochs they give (`pretrain_epochs_run`), so a trunk of 96 epochs made before the
-    budget, or under another one, is reused where the budget gives the same epochs."""
+    budget, or under another one, is reused where the budget gives the same epochs; so does
+    the time cap, so a trunk that ran its whole budget is reused under any cap, and one the
+    cap cut short only under the same cap."""
     from detection.train import pretrain_epochs_run
 
     def rest(r: dict) -> dict:

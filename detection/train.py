@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -61,10 +61,16 @@ class TrainSettings:
     # augmentation below) on 3/4 of trainval scored the other 1/4 at SPP-net 0.801 and R-CNN
     # 0.822 mAP on average with 96 epochs (two pre-training seeds), against 0.779 and 0.807 with
     # 64 and 0.748 and 0.790 with 48 (README, "Pre-training length"). The budget is what the
-    # real-photo check's 30 minutes allow on the slowest host measured; `sppnet demo` asks for
-    # 16 epochs, for its time
+    # real-photo check's 30 minutes allowed on the hosts measured before the AVX2-only one
+    # below; `sppnet demo` asks for 16 epochs, for its time
     pretrain_epochs: int | None = None
     pretrain_steps: int = 7200
+    # ... or as many of the budget's epochs as fit in this many minutes, judged by the first
+    # two epochs (`epochs_in_minutes`; 0: no cap; never with `pretrain_epochs`). The budget
+    # took 8-11 minutes on the fastest 2-core host measured and 18-21.5 on the slowest with
+    # bf16, and would take 24 in fp32 on an AVX2-only one, where SPP-net's train + eval would
+    # come to 30.5: over that check's 30 (README, "Pre-training's time cap")
+    pretrain_minutes: float = 20.0
     pretrain_jitters: int = 6          # jittered crops per object
     pretrain_background: int = 12      # background crops per image
     pretrain_batch: int = 64
@@ -160,7 +166,7 @@ def _adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimize
 NO_AUGMENTATION = {"pretrain_redraw": 0, "pretrain_color": 0.0}
 # what a trunk's recorded recipe means by the settings that came after it was saved
 EARLIER_RECIPE = {**NO_AUGMENTATION, "pretrain_precision": "fp32", "pretrain_hue": None,
-                  "pretrain_aspect": False}
+                  "pretrain_aspect": False, "pretrain_minutes": 0.0}
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 
@@ -199,14 +205,24 @@ def run_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class Progress(NamedTuple):
+    """Where a resumed stage goes on: its step, the losses so far, and what the stage noted
+    about itself (`save_progress`'s `notes`)."""
+
+    step: int
+    losses: list[float]
+    notes: dict
+
+
 def save_progress(path: Path | None, key: str, step: int, modules: dict[str, nn.Module],
                   optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-                  losses: list[float]) -> None:
-    """Write where a stage stands (weights, optimizer, both random generators, step) to `path`,
-    atomically, so that a stopped run resumes there with the same numbers."""
+                  losses: list[float], notes: dict | None = None) -> None:
+    """Write where a stage stands (weights, optimizer, both random generators, step, and the
+    JSON-able `notes` of the stage) to `path`, atomically, so that a stopped run resumes there
+    with the same numbers."""
     if path is None:
         return
-    state = {"key": key, "step": step,
+    state = {"key": key, "step": step, "notes": json.dumps(notes or {}),
              "modules": {name: m.state_dict() for name, m in modules.items()},
              "optimizer": optimizer.state_dict(),
              "numpy_rng": json.dumps(rng.bit_generator.state),
@@ -217,18 +233,19 @@ def save_progress(path: Path | None, key: str, step: int, modules: dict[str, nn.
 
 
 def load_progress(path: Path | None, key: str, modules: dict[str, nn.Module],
-                  optimizer: torch.optim.Optimizer, rng: np.random.Generator
-                  ) -> tuple[int, list[float]]:
+                  optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> Progress:
     """Restore a stage saved by `save_progress` under the same `key`; returns the step to go on
-    from and the losses so far (0 and [] when there is nothing to resume)."""
+    from, the losses so far and the stage's notes (0, [] and {} when there is nothing to
+    resume)."""
+    nothing = Progress(0, [], {})
     if path is None or not path.is_file():
-        return 0, []
+        return nothing
     try:
         state = torch.load(path, weights_only=True)
     except Exception:  # damaged (a file is only ever replaced whole, but disks fail): start again
-        return 0, []
+        return nothing
     if not isinstance(state, dict) or state.get("key") != key:
-        return 0, []
+        return nothing
     for name, module in modules.items():
         module.load_state_dict(state["modules"][name])
     optimizer.load_state_dict(state["optimizer"])
@@ -236,7 +253,8 @@ def load_progress(path: Path | None, key: str, modules: dict[str, nn.Module],
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and len(state["cuda_rng"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"]), state["losses"].tolist()
+    return Progress(int(state["step"]), state["losses"].tolist(),
+                    json.loads(state.get("notes", "{}")))
 
 
 def spp_full_window(net: DetectorNet, conv5: Tensor) -> Tensor:
@@ -309,6 +327,19 @@ def pretrain_epochs_run(epochs: int | None, budget: int, steps_per_epoch: int) -
     return max(1, budget // steps_per_epoch)
 
 
+def epochs_in_minutes(done: int, planned: int, elapsed: float, epoch_seconds: float,
+                      minutes: float) -> int:
+    """The epochs a pre-training of `planned` epochs makes under a cap of `minutes` (0: none),
+    `done` epochs and `elapsed` seconds in, at `epoch_seconds` an epoch: `planned` where they
+    fit, else those that fit, but never fewer than half of `planned` (a trunk pre-trained for
+    less is a poor trade for the time: half the budget cost SPP-net 0.056 mAP on a composite
+    set, README "Real-photo composites")."""
+    if not minutes or epoch_seconds <= 0:
+        return planned
+    fit = done + max(0, int((minutes * 60 - elapsed) // epoch_seconds))
+    return min(planned, max(done, (planned + 1) // 2, fit))
+
+
 def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: int,
                    settings: TrainSettings, device: torch.device, quiet: bool = False,
                    progress: Path | None = None) -> dict:
@@ -316,9 +347,13 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
     crops of the warp size). Trains the trunk, `spp_fc`, `rcnn_fc`; returns a log dict. On the
     steps at the smaller sizes the SPP head reads crops with real context around the box and
     pools the box's conv5 window, as SPP-net's test pools a box inside the whole image (with
-    tight crops alone, the conv5 cells only ever saw zero padding around an object). With
-    `progress`, a checkpoint is written there after every epoch and a stopped run goes on from
-    the last one (the file is removed when the stage ends)."""
+    tight crops alone, the conv5 cells only ever saw zero padding around an object). Without
+    `pretrain_epochs` it runs the epochs that fill the step budget, or, where its first two
+    epochs show that those would take longer than `pretrain_minutes`, the ones that fit (said,
+    and logged as `epochs` of `budget_epochs`). With `progress`, a checkpoint is written there
+    after every epoch and a stopped run goes on from the last one (the file is removed when the
+    stage ends)."""
+    began = time.perf_counter()
     settings = replace(settings, pretrain_precision=resolve_pretrain_precision(
         settings.pretrain_precision, device))
     rng = np.random.default_rng(settings.seed)
@@ -338,20 +373,26 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
     steps_per_epoch = max(1, len(crops) // settings.pretrain_batch)
     epochs = pretrain_epochs_run(settings.pretrain_epochs, settings.pretrain_steps,
                                  steps_per_epoch)
+    minutes = settings.pretrain_minutes if settings.pretrain_epochs is None else 0
     if settings.pretrain_epochs is None:
+        cap = f" or {minutes:g} minutes" if minutes else ""
         print(f"pretrain: {epochs} epoch{'s' * (epochs != 1)} of {steps_per_epoch} steps "
-              f"({len(crops)} regions each) for the budget of {settings.pretrain_steps} steps "
-              "(--pretrain-steps N; --pretrain-epochs N for N epochs)", file=sys.stderr)
-    total = steps_per_epoch * epochs
+              f"({len(crops)} regions each) for the budget of {settings.pretrain_steps} steps"
+              f"{cap} (--pretrain-steps N, --pretrain-minutes M; --pretrain-epochs N for N "
+              "epochs)", file=sys.stderr)
+    budget_epochs = epochs
     modules = {"trunk": net.trunk, "spp_fc": net.spp_fc, "rcnn_fc": net.rcnn_fc, "heads": heads}
     key = run_key("pretrain", settings, num_classes, [im.image_id for im in images], len(crops))
-    step, losses = load_progress(progress, key, modules, optimizer, rng)
+    step, losses, notes = load_progress(progress, key, modules, optimizer, rng)
+    epochs = notes.get("epochs", epochs)       # a resumed run keeps the cap's verdict
+    spent = notes.get("seconds", 0.0)          # and counts the time of its earlier sessions
+    total = steps_per_epoch * epochs
     net.train()
     start = time.perf_counter()
     bar = _progress(range(total), "pretrain", total=total, quiet=quiet)
     bar.update(step)
-    first_epoch = step // steps_per_epoch
-    for epoch in range(first_epoch, epochs):
+    first_epoch = epoch = step // steps_per_epoch
+    while epoch < epochs:
         block = epoch // settings.pretrain_redraw if settings.pretrain_redraw else 0
         if block and (epoch % settings.pretrain_redraw == 0 or epoch == first_epoch):
             # a block's regions depend on the seed and the block alone, so a resumed run
@@ -409,15 +450,34 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {np.mean(losses[-20:]):.3f}")
-        if epoch + 1 < epochs:
-            save_progress(progress, key, step, modules, optimizer, rng, losses)
+        epoch += 1
+        if minutes and "epochs" not in notes and epoch - first_epoch == 2:
+            # judged once, on this session's first two epochs (crop cutting included), so
+            # that the learning rate's schedule is set early and a resumed run keeps it
+            now = time.perf_counter()
+            fit = epochs_in_minutes(epoch, epochs, spent + now - began, (now - start) / 2,
+                                    minutes)
+            notes["epochs"] = fit
+            if fit < epochs:
+                tqdm.write(f"pretrain: {(now - start) / 2:.1f} s an epoch here, so {fit} of "
+                           f"the budget's {epochs} epochs fit in {minutes:g} minutes "
+                           "(--pretrain-minutes M; 0: the whole budget)", file=sys.stderr)
+                epochs, total = fit, steps_per_epoch * fit
+                bar.total = total
+                bar.refresh()
+        if epoch < epochs:
+            notes["seconds"] = spent + time.perf_counter() - began
+            save_progress(progress, key, step, modules, optimizer, rng, losses, notes)
     bar.close()
     net.eval()
     if progress is not None:
         progress.unlink(missing_ok=True)
-    return {"crops": len(crops), "epochs": epochs, "steps": total,
-            "final_loss": float(np.mean(losses[-50:])),
-            "seconds": time.perf_counter() - start}
+    log = {"crops": len(crops), "epochs": epochs, "steps": total,
+           "final_loss": float(np.mean(losses[-50:])),
+           "seconds": time.perf_counter() - start}
+    if epochs < budget_epochs:
+        log["budget_epochs"] = budget_epochs
+    return log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +574,7 @@ def finetune(net: DetectorNet, method: str, images: Sequence[TrainImage], num_cl
     per_image = settings.finetune_batch // settings.finetune_images
     key = run_key("finetune", method, settings, num_classes, scales, trunk_digest(net),
                   [im.image_id for im in images])
-    first, losses = load_progress(progress, key, modules, optimizer, rng)
+    first, losses, _ = load_progress(progress, key, modules, optimizer, rng)
     start = time.perf_counter()
     bar = _progress(range(first, iterations), f"finetune {method}", total=iterations,
                     quiet=quiet)

@@ -285,6 +285,24 @@ def test_a_trunk_is_reused_by_any_schedule_that_makes_the_same_epochs(drawn_voc,
     assert "making it again" in train("--pretrain-epochs", "2")
 
 
+def test_a_trunk_the_time_cap_cut_short_serves_only_runs_under_that_cap():
+    """One that ran its whole budget serves a run under any cap (or none), one made before the
+    cap existed included."""
+    from detection.pipeline import same_trunk_recipe, trunk_recipe
+    from detection.train import EARLIER_RECIPE, TrainSettings
+
+    def recipe(minutes):
+        return trunk_recipe(TrainSettings(pretrain_steps=800, pretrain_minutes=minutes), None)
+
+    whole, cut = {"epochs": 8, "steps": 800}, {"epochs": 5, "steps": 500, "budget_epochs": 8}
+    assert same_trunk_recipe(recipe(20.0), recipe(20.0), cut)
+    assert not same_trunk_recipe(recipe(20.0), recipe(0.0), cut)
+    assert not same_trunk_recipe(recipe(20.0), recipe(30.0), cut)
+    assert same_trunk_recipe(recipe(20.0), recipe(0.0), whole)
+    before_the_cap = {k: v for k, v in recipe(20.0).items() if k != "pretrain_minutes"}
+    assert same_trunk_recipe({**EARLIER_RECIPE, **before_the_cap}, recipe(20.0), whole)
+
+
 def test_a_trunk_recipe_names_what_changed():
     from detection.pipeline import _recipe_change, trunk_recipe
     from detection.train import TrainSettings

@@ -109,6 +109,89 @@ def test_budgeted_pretraining_is_the_run_of_the_epochs_it_fills(images, capsys):
     assert f"2 epochs of {per_epoch} steps" in err and "--pretrain-steps" in err
 
 
+def test_the_time_cap_keeps_the_epochs_that_fit_but_at_least_half_the_budget():
+    fit = train.epochs_in_minutes
+    assert fit(2, 128, 30.0, 9.0, 20) == 128               # 2 + 130 fit: the whole budget
+    assert fit(2, 128, 30.0, 12.0, 20) == 99               # 2 + (1200 - 30) // 12
+    assert fit(2, 128, 30.0, 30.0, 20) == 64               # 41 fit: half the budget
+    assert fit(2, 3, 30.0, 1e4, 20) == 2                   # never below the epochs done
+    assert fit(2, 128, 30.0, 1e4, 0) == 128                # 0: no cap
+
+
+class _StepClock:
+    """`time` as `detection.train` sees it, advanced by `seconds` at every pre-training step
+    (each step sets its learning rate first); records each step's `(step, total)`."""
+
+    def __init__(self, monkeypatch, seconds: float) -> None:
+        self.now, self.seconds, self.steps = 0.0, seconds, []
+        real_lr = train._cosine_lr
+
+        def tick(optimizer, base, step, total):
+            self.now += self.seconds
+            self.steps.append((step, total))
+            real_lr(optimizer, base, step, total)
+
+        monkeypatch.setattr(train, "_cosine_lr", tick)
+        monkeypatch.setattr(train, "time", self)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _budget_of_8_epochs(images, minutes: float):
+    """Settings whose step budget is 8 epochs on `images`, capped at `minutes`, and the steps of
+    an epoch."""
+    budget = replace(SETTINGS, pretrain_epochs=None, pretrain_redraw=1, pretrain_minutes=minutes)
+    per_epoch = pretrain_trunk(_net(), images, 1, replace(budget, pretrain_epochs=1),
+                               torch.device("cpu"), quiet=True)["steps"]
+    return replace(budget, pretrain_steps=8 * per_epoch), per_epoch
+
+
+def test_pretraining_too_slow_for_its_minutes_ends_at_the_epochs_that_fit(images, capsys,
+                                                                          monkeypatch):
+    """Judged on the first two epochs, said and logged; the learning rate's schedule ends at
+    the new last step. Without a cap, the whole budget."""
+    device = torch.device("cpu")
+    budget, per_epoch = _budget_of_8_epochs(images, 1.0)
+    clock = _StepClock(monkeypatch, 60 / (5.5 * per_epoch))     # 5 epochs fit in a minute
+    log = pretrain_trunk(_net(), images, 1, budget, device, quiet=True)
+    assert (log["epochs"], log["budget_epochs"]) == (5, 8)
+    assert log["steps"] == 5 * per_epoch == len(clock.steps)
+    assert clock.steps[-1] == (log["steps"] - 1, log["steps"])
+    assert clock.steps[2 * per_epoch] == (2 * per_epoch, log["steps"])
+    assert "so 5 of the budget's 8 epochs fit in 1 minutes" in capsys.readouterr().err
+    uncapped = pretrain_trunk(_net(), images, 1, replace(budget, pretrain_minutes=0.0), device,
+                              quiet=True)
+    assert uncapped["epochs"] == 8 and "budget_epochs" not in uncapped
+
+
+def test_a_resumed_pretraining_keeps_the_caps_verdict(images, tmp_path, monkeypatch):
+    device = torch.device("cpu")
+    budget, per_epoch = _budget_of_8_epochs(images, 1.0)
+    _StepClock(monkeypatch, 60 / (5.5 * per_epoch))
+    whole = _net()
+    assert pretrain_trunk(whole, images, 1, budget, device, quiet=True)["epochs"] == 5
+    progress = tmp_path / "trunk.progress.pt"
+    saves, real = [], train.save_progress
+
+    def save_then_stop_at_the_third(*args, **kwargs):
+        real(*args, **kwargs)
+        saves.append(args[2])
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_progress", save_then_stop_at_the_third)
+    _StepClock(monkeypatch, 60 / (5.5 * per_epoch))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_trunk(_net(), images, 1, budget, device, quiet=True, progress=progress)
+    assert saves == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    monkeypatch.setattr(train, "save_progress", real)
+    _StepClock(monkeypatch, 1e-6)                 # a fast CPU now: the verdict stands
+    resumed = _net()
+    log = pretrain_trunk(resumed, images, 1, budget, device, quiet=True, progress=progress)
+    assert log["epochs"] == 5 and _same_weights(resumed, whole)
+
+
 def test_a_draw_for_one_epoch_cuts_one_crop_per_region_seen(images, monkeypatch):
     """New regions every epoch: each region seen gets the one crop its step reads (the warp or
     the context crop), not both; a single draw for the stage ends with both for most."""
