@@ -65,8 +65,8 @@ class TrainSettings:
     # below; `sppnet demo` asks for 16 epochs, for its time
     pretrain_epochs: int | None = None
     pretrain_steps: int = 7200
-    # ... or as many of the budget's epochs as fit in this many minutes, judged by the first
-    # two epochs (`epochs_in_minutes`; 0: no cap; never with `pretrain_epochs`). The budget
+    # ... or as many of the budget's epochs as fit in this many minutes, judged by the second
+    # and third epochs (`epochs_in_minutes`; 0: no cap; never with `pretrain_epochs`). The budget
     # took 8-11 minutes on the fastest 2-core host measured and 18-21.5 on the slowest with
     # bf16, and would take 24 in fp32 on an AVX2-only one, where SPP-net's train + eval would
     # come to 30.5: over that check's 30 (README, "Pre-training's time cap")
@@ -348,8 +348,8 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
     steps at the smaller sizes the SPP head reads crops with real context around the box and
     pools the box's conv5 window, as SPP-net's test pools a box inside the whole image (with
     tight crops alone, the conv5 cells only ever saw zero padding around an object). Without
-    `pretrain_epochs` it runs the epochs that fill the step budget, or, where its first two
-    epochs show that those would take longer than `pretrain_minutes`, the ones that fit (said,
+    `pretrain_epochs` it runs the epochs that fill the step budget, or, where its first epochs
+    show that those would take longer than `pretrain_minutes`, the ones that fit (said,
     and logged as `epochs` of `budget_epochs`). With `progress`, a checkpoint is written there
     after every epoch and a stopped run goes on from the last one (the file is removed when the
     stage ends)."""
@@ -451,16 +451,19 @@ def pretrain_trunk(net: DetectorNet, images: Sequence[TrainImage], num_classes: 
             if step % 20 == 0:
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {np.mean(losses[-20:]):.3f}")
         epoch += 1
-        if minutes and "epochs" not in notes and epoch - first_epoch == 2:
-            # judged once, on this session's first two epochs (crop cutting included), so
-            # that the learning rate's schedule is set early and a resumed run keeps it
+        if epoch - first_epoch == 1:
+            warm = time.perf_counter()      # the session's first epoch sets up the kernels
+        if minutes and "epochs" not in notes and epoch - first_epoch == 3:
+            # judged once, on the session's second and third epochs (crop cutting included;
+            # on the AVX2 host the first two took 3-11% longer than the mean of all), so that
+            # the learning rate's schedule is set early and a resumed run keeps it
             now = time.perf_counter()
-            fit = epochs_in_minutes(epoch, epochs, spent + now - began, (now - start) / 2,
-                                    minutes)
+            per_epoch = (now - warm) / 2
+            fit = epochs_in_minutes(epoch, epochs, spent + now - began, per_epoch, minutes)
             notes["epochs"] = fit
             if fit < epochs:
-                tqdm.write(f"pretrain: {(now - start) / 2:.1f} s an epoch here, so {fit} of "
-                           f"the budget's {epochs} epochs fit in {minutes:g} minutes "
+                tqdm.write(f"pretrain: {per_epoch:.1f} s an epoch here, so {fit} of the "
+                           f"budget's {epochs} epochs fit in {minutes:g} minutes "
                            "(--pretrain-minutes M; 0: the whole budget)", file=sys.stderr)
                 epochs, total = fit, steps_per_epoch * fit
                 bar.total = total

@@ -120,14 +120,15 @@ def test_the_time_cap_keeps_the_epochs_that_fit_but_at_least_half_the_budget():
 
 class _StepClock:
     """`time` as `detection.train` sees it, advanced by `seconds` at every pre-training step
-    (each step sets its learning rate first); records each step's `(step, total)`."""
+    (each step sets its learning rate first) and by `warm_up` more at the first; records each
+    step's `(step, total)`."""
 
-    def __init__(self, monkeypatch, seconds: float) -> None:
-        self.now, self.seconds, self.steps = 0.0, seconds, []
+    def __init__(self, monkeypatch, seconds: float, warm_up: float = 0.0) -> None:
+        self.now, self.seconds, self.warm_up, self.steps = 0.0, seconds, warm_up, []
         real_lr = train._cosine_lr
 
         def tick(optimizer, base, step, total):
-            self.now += self.seconds
+            self.now += self.seconds + (self.warm_up if not self.steps else 0.0)
             self.steps.append((step, total))
             real_lr(optimizer, base, step, total)
 
@@ -149,17 +150,21 @@ def _budget_of_8_epochs(images, minutes: float):
 
 def test_pretraining_too_slow_for_its_minutes_ends_at_the_epochs_that_fit(images, capsys,
                                                                           monkeypatch):
-    """Judged on the first two epochs, said and logged; the learning rate's schedule ends at
-    the new last step. Without a cap, the whole budget."""
+    """Judged on the second and third epochs (a slow start counts in the time spent, not in
+    the time an epoch takes), said and logged; the learning rate's schedule ends at the new
+    last step. Without a cap, the whole budget."""
     device = torch.device("cpu")
     budget, per_epoch = _budget_of_8_epochs(images, 1.0)
-    clock = _StepClock(monkeypatch, 60 / (5.5 * per_epoch))     # 5 epochs fit in a minute
+    # 10.9 s an epoch and 5 s of warming up: 3 epochs in 37.7 s, and 2 more fit in the minute
+    # (judged with the first epoch, 13.4 s an epoch: 1 more)
+    clock = _StepClock(monkeypatch, 60 / (5.5 * per_epoch), warm_up=5.0)
     log = pretrain_trunk(_net(), images, 1, budget, device, quiet=True)
     assert (log["epochs"], log["budget_epochs"]) == (5, 8)
     assert log["steps"] == 5 * per_epoch == len(clock.steps)
     assert clock.steps[-1] == (log["steps"] - 1, log["steps"])
-    assert clock.steps[2 * per_epoch] == (2 * per_epoch, log["steps"])
-    assert "so 5 of the budget's 8 epochs fit in 1 minutes" in capsys.readouterr().err
+    assert clock.steps[3 * per_epoch] == (3 * per_epoch, log["steps"])
+    assert "10.9 s an epoch here, so 5 of the budget's 8 epochs fit in 1 minutes" in \
+        capsys.readouterr().err
     uncapped = pretrain_trunk(_net(), images, 1, replace(budget, pretrain_minutes=0.0), device,
                               quiet=True)
     assert uncapped["epochs"] == 8 and "budget_epochs" not in uncapped
