@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "about 160 images of 2.5 objects)")
             p.add_argument("--pretrain-minutes", type=non_negative_float, metavar="M",
                            help="end the pre-training at the budget's epochs that fit in M "
-                                "minutes, judged by its first three epochs, but never below "
+                                "minutes, judged by its second and third epochs, never below "
                                 "half the budget (default 20; 0: the whole budget however long "
                                 "it takes; not with --pretrain-epochs)")
             p.add_argument("--pretrain-redraw", type=non_negative_int, metavar="N",

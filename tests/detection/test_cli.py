@@ -159,7 +159,7 @@ def test_pretrain_epochs_help_names_the_defaults_of_train_and_demo(capsys):
     assert (f"(default {TrainSettings.pretrain_steps}: {DEFAULT_PRETRAIN_EPOCHS} epochs on about "
             "160 images of 2.5 objects)") in text
     assert TrainSettings.pretrain_minutes == 20
-    assert "minutes, judged by its first three epochs, but never below half the budget " \
+    assert "minutes, judged by its second and third epochs, never below half the budget " \
         "(default 20; 0: the whole budget however long it takes;" in text
     _assert_rejected(capsys, "--pretrain-epochs", "0")
     _assert_rejected(capsys, "--pretrain-steps", "0")
