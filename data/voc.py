@@ -10,6 +10,7 @@ refused at its declaration, before anything else of the file is read.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -90,11 +91,12 @@ class VOCDataset:
     """The images of one split of a VOC-layout root, with the dataset's class list."""
 
     def __init__(self, root: Path, split: str, classes: tuple[str, ...],
-                 images: list[VOCImage]) -> None:
+                 images: list[VOCImage], annotated_names: frozenset[str] = frozenset()) -> None:
         self.root = root
         self.split = split
         self.classes = classes
         self.images = images
+        self.annotated_names = annotated_names  # every object name in the split's annotations
         self._by_id = {im.image_id: im for im in images}
 
     def __len__(self) -> int:
@@ -108,6 +110,11 @@ class VOCDataset:
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._by_id
+
+    def classes_without_objects(self) -> list[str]:
+        """The dataset's classes of which the split has no object (nothing to train them on)."""
+        present = {o.name for im in self.images for o in im.objects}
+        return [c for c in self.classes if c not in present]
 
     def stored_orientation_ids(self) -> frozenset[str]:
         """Ids of the images whose pixels are read as stored, without their EXIF orientation."""
@@ -314,8 +321,10 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
     class_list = tuple(classes) if classes else discover_classes(root)
     wanted = set(class_list)
     images = []
+    names: set[str] = set()
     for image_id in read_split_ids(root, split):
         ann = parse_annotation(root / "Annotations" / f"{image_id}.xml")
+        names.update(o.name for o in ann.objects)
         path = find_image_file(root, image_id, ann.filename)
         width, height, frame = ann.width, ann.height, "same"
         if width <= 0 or height <= 0:
@@ -329,4 +338,24 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
     unknown_shown = frames.count("stored") <= frames.count("shown")  # EXIF unless outvoted
     return VOCDataset(root, split, class_list,
                       [replace(im, exif_orientation=unknown_shown) if frame == "unknown" else im
-                       for im, frame in images])
+                       for im, frame in images], frozenset(names))
+
+
+def missing_classes_message(dataset: VOCDataset) -> str | None:
+    """A one-line message naming the dataset's classes that its split has no object of (a typo
+    or another case in `--classes` is the usual cause) with the closest annotated names, or
+    None when every class has objects."""
+    missing = dataset.classes_without_objects()
+    if not missing:
+        return None
+    found = sorted(dataset.annotated_names)
+    hints = []
+    for name in missing:
+        close = [n for n in found if n.lower() == name.lower()] or \
+            difflib.get_close_matches(name, found, n=1, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    listed = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "") if found else "none"
+    plural = "es" if len(missing) > 1 else ""
+    return (f"{dataset.root}/ImageSets/Main/{dataset.split}.txt: no objects of class{plural} "
+            f"{', '.join(hints)} in this split (its annotations name: {listed}; class names "
+            f"are case-sensitive)")

@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "the step budget instead: give one of them")
     import torch
 
-    from data.voc import open_voc, parse_class_list
+    from data.voc import missing_classes_message, open_voc, parse_class_list
     from detection.devices import resolve_device
     from detection.pipeline import train_detector
     from detection.presets import get_preset
@@ -89,9 +89,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)
     device = resolve_device(args.device)
-    dataset = open_voc(args.voc_root, args.split, parse_class_list(args.classes))
+    classes = parse_class_list(args.classes)
+    dataset = open_voc(args.voc_root, args.split, classes)
     if not dataset.images:
         raise SppnetError(f"{dataset.root}: split {args.split!r} lists no images")
+    missing = missing_classes_message(dataset)
+    if missing and classes:  # named by the user: nothing to train it on
+        raise SppnetError(missing)
+    if missing:  # found in other splits' annotations: trained without positives
+        print(f"warning: {missing}; such a class is trained without positives (--classes leaves it out)",
+              file=sys.stderr)
     settings = TrainSettings(seed=args.seed)
     if args.finetune_iters:
         settings = replace(settings, finetune_iters=args.finetune_iters)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from data.errors import AnnotationError, SppnetError
-from data.voc import (VOC_CLASSES, discover_classes, internal_to_voc, open_voc, parse_annotation,
-                      parse_class_list, read_split_ids, voc_to_internal)
+from data.voc import (VOC_CLASSES, discover_classes, internal_to_voc, missing_classes_message,
+                      open_voc, parse_annotation, parse_class_list, read_split_ids,
+                      voc_to_internal)
 
 
 def test_box_conventions_round_trip():
@@ -41,6 +42,22 @@ def test_custom_class_list_filters_and_orders(tiny_voc):
     assert ds.classes == ("dog", "cat")
     assert [o.name for o in ds["img3"].objects] == ["cat"]      # bird left out
     assert ds["img1"].labels(ds.classes).tolist() == [2, 1]
+
+
+def test_classes_without_objects_are_named_with_the_closest_annotated_name(tiny_voc):
+    """A class the split has no object of: another case or a typo gets a hint, a name nothing
+    resembles gets none, and the split's annotated names are listed (other classes' too)."""
+    assert missing_classes_message(open_voc(tiny_voc, "all")) is None
+    ds = open_voc(tiny_voc, "trainval", classes=("Cat", "dgo", "zebra"))
+    assert ds.classes_without_objects() == ["Cat", "dgo", "zebra"]
+    assert ds.annotated_names == {"cat", "dog"}
+    message = missing_classes_message(ds)
+    assert message.startswith(str(tiny_voc / "ImageSets" / "Main" / "trainval.txt") + ": ")
+    assert ("classes 'Cat' (did you mean 'cat'?), 'dgo' (did you mean 'dog'?), 'zebra' in "
+            "this split" in message)
+    assert "its annotations name: cat, dog;" in message and "\n" not in message
+    # discovered classes: bird is only in the test split's annotations
+    assert open_voc(tiny_voc, "trainval").classes_without_objects() == ["bird"]
 
 
 def test_voc2007_root_gets_the_20_classes(tmp_path, voc_writer):

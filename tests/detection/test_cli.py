@@ -134,6 +134,28 @@ def test_train_memory_option_sets_both_cache_budgets(drawn_voc, tmp_path, monkey
         assert "--memory" in capsys.readouterr().err
 
 
+def test_train_refuses_a_named_class_without_objects(tiny_voc, tmp_path, monkeypatch, capsys):
+    """`--classes` naming a class the split has none of (here another case) is a one-line
+    error before any work; a class found only in another split's annotations is a warning."""
+    import detection.pipeline as pipeline
+
+    trained = []
+
+    def fake_train(dataset, *args, **kwargs):
+        trained.append(dataset.classes)
+        return tmp_path / "model.pt", {"images": len(dataset.images), "seconds": 0.0}
+
+    monkeypatch.setattr(pipeline, "train_detector", fake_train)
+    base = ["train", "--voc-root", str(tiny_voc), "--split", "trainval", "--method", "rcnn",
+            "--workdir", str(tmp_path / "w"), "--quiet"]
+    assert main(base + ["--classes", "Cat,dog"]) == 2
+    err = capsys.readouterr().err
+    assert "no objects of class 'Cat' (did you mean 'cat'?)" in err
+    assert len(err.strip().splitlines()) == 1 and not trained
+    assert main(base) == 0  # bird is only in the test split
+    assert "warning:" in capsys.readouterr().err and trained == [("bird", "cat", "dog")]
+
+
 def _train_help(capsys) -> str:
     """`sppnet train --help` as one line of text."""
     with pytest.raises(SystemExit):
