@@ -116,6 +116,11 @@ class VOCDataset:
         present = {o.name for im in self.images for o in im.objects}
         return [c for c in self.classes if c not in present]
 
+    def names_outside_classes(self) -> list[str]:
+        """Object names in the split's annotations that are not among the dataset's classes
+        (left out of training and evaluation), sorted."""
+        return sorted(self.annotated_names - set(self.classes))
+
     def stored_orientation_ids(self) -> frozenset[str]:
         """Ids of the images whose pixels are read as stored, without their EXIF orientation."""
         return frozenset(im.image_id for im in self.images if not im.exif_orientation)
@@ -341,6 +346,11 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
                        for im, frame in images], frozenset(names))
 
 
+def short_list(names: Sequence[str], limit: int = 12) -> str:
+    """`names` joined by commas for a one-line message, the first `limit` of them and '...'."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
 def missing_classes_message(dataset: VOCDataset) -> str | None:
     """A one-line message naming the dataset's classes that its split has no object of (a typo
     or another case in `--classes` is the usual cause) with the closest annotated names, or
@@ -354,7 +364,7 @@ def missing_classes_message(dataset: VOCDataset) -> str | None:
         close = [n for n in found if n.lower() == name.lower()] or \
             difflib.get_close_matches(name, found, n=1, cutoff=0.6)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    listed = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "") if found else "none"
+    listed = short_list(found) if found else "none"
     plural = "es" if len(missing) > 1 else ""
     return (f"{dataset.root}/ImageSets/Main/{dataset.split}.txt: no objects of class{plural} "
             f"{', '.join(hints)} in this split (its annotations name: {listed}; class names "

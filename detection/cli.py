@@ -11,11 +11,14 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from data.cli_args import (fraction_below_one, non_negative_float, non_negative_int,
                            positive_int)
 from data.errors import SppnetError
+
+if TYPE_CHECKING:
+    from data.voc import VOCDataset
 
 WORKDIR_ENV = "SPPNET_WORKDIR"
 DEFAULT_WORKDIR = "sppnet-work"
@@ -45,6 +48,24 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_class_mismatches(dataset: VOCDataset, known_as: str) -> None:
+    """On stderr, before scoring a split: the classes it has no object of (their AP is '-',
+    outside the mAP; another case or a typo in the annotations is the usual cause) and the
+    annotated names that are not among the classes scored (`known_as` says whose): their objects
+    are no ground truth, so a detection on one is a false positive."""
+    from data.voc import missing_classes_message, short_list
+
+    missing = missing_classes_message(dataset)
+    if missing:
+        print(f"warning: {missing}; such a class scores '-' and stays out of the mAP",
+              file=sys.stderr)
+    others = dataset.names_outside_classes()
+    if others:
+        print(f"note: {dataset.root}/ImageSets/Main/{dataset.split}.txt: objects of {len(others)} "
+              f"class{'es' if len(others) > 1 else ''} not among {known_as} count as background: "
+              f"{short_list(others)}", file=sys.stderr)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score VOC result files against a split: per-class AP, mAP, COCO AP."""
     from data.results import read_voc_results
@@ -62,6 +83,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if missing:
         print(f"note: no result file for {', '.join(missing)}; counted as no detections",
               file=sys.stderr)
+    _say_class_mismatches(dataset, "--classes")
     voc = evaluate_voc(dataset, detections, metric=args.metric)
     coco = evaluate_coco(dataset, detections)
     title = "AP07" if args.metric == "voc07" else "AP"
@@ -193,6 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     detector.test_mirror = not args.no_test_mirror
     detector.box_voting = not args.no_box_voting
     dataset = open_voc(args.voc_root, args.split, detector.classes)
+    _say_class_mismatches(dataset, "the model's classes")
     summary = evaluate_detector(detector, dataset, args.workdir, args.out, args.metric,
                                 args.jobs, quiet=args.quiet)
     print(format_ap_table(summary["ap"], summary["mAP"],

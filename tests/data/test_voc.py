@@ -7,7 +7,7 @@ import pytest
 
 from data.errors import AnnotationError, SppnetError
 from data.voc import (VOC_CLASSES, discover_classes, internal_to_voc, missing_classes_message,
-                      open_voc, parse_annotation, parse_class_list, read_split_ids,
+                      open_voc, parse_annotation, parse_class_list, read_split_ids, short_list,
                       voc_to_internal)
 
 
@@ -58,6 +58,14 @@ def test_classes_without_objects_are_named_with_the_closest_annotated_name(tiny_
     assert "its annotations name: cat, dog;" in message and "\n" not in message
     # discovered classes: bird is only in the test split's annotations
     assert open_voc(tiny_voc, "trainval").classes_without_objects() == ["bird"]
+
+
+def test_names_outside_the_classes_and_short_lists(tiny_voc):
+    """Annotated names that a class list leaves out are listed, sorted; long lists are cut."""
+    assert open_voc(tiny_voc, "all").names_outside_classes() == []
+    assert open_voc(tiny_voc, "all", classes=("dog",)).names_outside_classes() == ["bird", "cat"]
+    assert short_list(["a", "b"]) == "a, b"
+    assert short_list([str(i) for i in range(5)], limit=3) == "0, 1, 2, ..."
 
 
 def test_voc2007_root_gets_the_20_classes(tmp_path, voc_writer):

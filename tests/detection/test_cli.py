@@ -40,6 +40,23 @@ def test_score_prints_table_and_writes_json(tiny_voc, tmp_path, capsys):
     assert summary["coco"]["AP"] == pytest.approx(1.0)
 
 
+def test_score_says_which_classes_the_split_lacks_and_which_it_has_beyond(tiny_voc, tmp_path,
+                                                                         capsys):
+    """Scoring a split: a class it has no object of is a warning (AP '-'), annotated classes
+    outside `--classes` a note (their objects count as background); one line each."""
+    dets = {"cat": ClassDetections(["img3"], [0.8], [[1, 1, 11, 11]])}
+    write_voc_results(tmp_path / "dets", "test", dets)
+    status = main(["score", "--voc-root", str(tiny_voc), "--split", "test", "--dets",
+                   str(tmp_path / "dets"), "--classes", "Bird,cat"])
+    assert status == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "ImageSets" in line]
+    assert len(err) == 2
+    assert err[0].startswith("warning: ") and "'Bird' (did you mean 'bird'?)" in err[0]
+    assert err[0].endswith("such a class scores '-' and stays out of the mAP")
+    assert err[1].startswith("note: ") and err[1].endswith(
+        "objects of 1 class not among --classes count as background: bird")
+
+
 @pytest.mark.parametrize("breakage", ["bad_xml", "no_dets", "bad_line"])
 def test_score_errors_are_one_line(tiny_voc, tmp_path, capsys, breakage):
     det_dir = tmp_path / "dets"

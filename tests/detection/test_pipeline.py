@@ -12,8 +12,6 @@ from detection.cli import main
 from detection.model import load_detector
 
 
-
-
 @pytest.mark.parametrize("method", ["spp", "rcnn"])
 def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     work = tmp_path / "work"
@@ -42,8 +40,10 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     assert detector.method == method and detector.classes == ("box",)
     assert (detector.svm is not None) == (method == "rcnn")
     assert summary["scorer"] == ("svm" if method == "rcnn" else "softmax")
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "mAP" in printed
+    assert "warning:" not in captured.err and "note:" not in captured.err  # classes all match
     # R-CNN reads its windows from warps of the original image, SPP-net from its image scales
     if method == "rcnn":
         assert summary["scales"] == [] and summary["warp_px"] == detector.net.crop_size
