@@ -32,6 +32,14 @@ def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
                         boxes[..., 3]], dim=-1)
 
 
+def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
+    """The boxes `[..., 4]` in the image resized by `sx` across and `sy` down: each pixel span
+    `[x1, x2 + 1)` is scaled, so `(x1 sx, y1 sy, (x2 + 1) sx - 1, (y2 + 1) sy - 1)`; the factors
+    `1 / sx`, `1 / sy` take them back."""
+    widen = boxes.new_tensor(_WIDEN)
+    return (boxes + widen) * boxes.new_tensor([sx, sy, sx, sy]) - widen
+
+
 def box_deltas(proposals: Tensor, targets: Tensor) -> Tensor:
     """Regression targets `[N, 4]` that take each proposal to its target box."""
     px, py, pw, ph = _centre_size(proposals)

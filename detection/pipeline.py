@@ -185,7 +185,11 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     folder.mkdir(parents=True, exist_ok=True)
     proposals, _ = dataset_proposals(dataset, workdir, preset.max_proposals, jobs,
                                      progress=not quiet)
-    images = load_training_images(dataset, proposals, on_error=_log)
+    # the largest input of any stage: the preset's largest SPP-net scale (so the trunk, which
+    # both methods share, is made from the same pixels whichever trains first)
+    largest = max((preset.scale, *preset.multi_scales))
+    images = load_training_images(dataset, proposals, on_error=_log,
+                                  max_input=(largest, preset.max_side))
     if not images:
         raise SppnetError(f"{dataset.root}: no readable training image in split {dataset.split}")
     net, trunk_log = _trunk(dataset, images, preset, folder, settings, device, weights, quiet)
@@ -331,6 +335,7 @@ def choose_test_scale(net: DetectorNet, fc8, dataset: VOCDataset, preset: Preset
     its `detect` would, in a fraction of the time). Returns the scales and
     `{"384": mAP, ..., "224+288+...": mAP}`."""
     from data.results import detections_by_class
+    from detection.boxes import scale_boxes
     from detection.evaluate import evaluate_voc
 
     val_set = VOCDataset(dataset.root, f"{dataset.split}-val", dataset.classes,
@@ -352,6 +357,7 @@ def choose_test_scale(net: DetectorNet, fc8, dataset: VOCDataset, preset: Preset
             at = [every.index(s) for s in scales]
             own = ConvMaps([conv.factors[k] for k in at], [conv.maps[k] for k in at])
             det = detector.detect_from_maps(item.pixels, proposals, own)
+            det["boxes"] = scale_boxes(det["boxes"], 1 / item.scale[0], 1 / item.scale[1])
             per_option[scales][item.image_id] = {k: v.cpu().numpy() for k, v in det.items()}
         del conv
         release_now_and_then(done, every=4)     # all scales' maps at once: ~50 MB an image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from detection.boxes import apply_deltas, box_deltas, mirror_boxes, pixel_iou
+from detection.boxes import apply_deltas, box_deltas, mirror_boxes, pixel_iou, scale_boxes
 
 
 def test_pixel_iou_counts_plus_one():
@@ -37,3 +37,13 @@ def test_mirror_boxes_frame_the_same_pixels_in_the_flipped_image():
     assert image[:, ::-1][y1:y2 + 1, x1:x2 + 1].sum() == image.sum() == 25
     assert (x1, x2) == (23, 27)
     assert torch.equal(mirror_boxes(mirror_boxes(box, 30), 30), box)
+
+
+def test_scale_boxes_scales_pixel_spans_and_back():
+    """A box's pixel span [x1, x2 + 1) is what scales: the whole image's box goes to the whole
+    resized image's, and the reciprocal factors give the boxes back."""
+    boxes = torch.tensor([[0.0, 0.0, 399.0, 299.0], [10.0, 20.0, 29.0, 59.0]])
+    half = scale_boxes(boxes, 0.5, 0.25)
+    assert torch.equal(half[0], torch.tensor([0.0, 0.0, 199.0, 74.0]))
+    assert torch.equal(half[1], torch.tensor([5.0, 5.0, 14.0, 14.0]))
+    assert torch.allclose(scale_boxes(half, 2.0, 4.0), boxes)

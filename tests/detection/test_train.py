@@ -554,6 +554,31 @@ def test_spp_region_features_from_the_conv5_cache_match_a_fresh_conv_pass(images
         assert torch.allclose(fc7_a, fc7_b, atol=1e-2 * fc7_a.abs().max().item())
 
 
+def test_photos_larger_than_the_largest_input_are_held_downscaled(tiny_voc):
+    """A photo beyond the largest input of any stage is held shrunk to it, with its proposals
+    and ground truth scaled along (so they label the same regions) and the factors recorded; a
+    smaller one is held as read."""
+    from data.voc import open_voc
+
+    dataset = open_voc(tiny_voc, "all")
+    proposals = {im.image_id: np.array([[0, 0, 31, 23], [30, 10, 59, 39]], np.float32)
+                 for im in dataset}
+    full = {im.image_id: im for im in train.load_training_images(dataset, proposals)}
+    held = {im.image_id: im for im in train.load_training_images(dataset, proposals,
+                                                                 max_input=(24, 2000))}
+    assert held["img1"].pixels.shape == (24, 32, 3) and held["img1"].scale == (0.5, 0.5)
+    assert held["img3"].pixels.shape == (24, 24, 3) and held["img3"].scale == (0.6, 0.6)
+    for image_id, item in held.items():
+        sx, sy = item.scale
+        widen = torch.tensor([0.0, 0.0, 1.0, 1.0])
+        expected = (full[image_id].regions.boxes + widen) * torch.tensor([sx, sy, sx, sy]) - widen
+        assert torch.allclose(item.regions.boxes, expected)
+        assert torch.equal(item.regions.gt_class, full[image_id].regions.gt_class)
+    as_read = train.load_training_images(dataset, proposals, max_input=(48, 64))
+    assert all(item.scale == (1.0, 1.0) and item.pixels.shape == full[item.image_id].pixels.shape
+               for item in as_read)
+
+
 def test_images_whose_size_differs_from_their_annotation_are_reported_once(tiny_voc):
     """An image resized after annotating (or whose size is otherwise not the annotation's) has
     boxes in another frame: one line names the first such image and counts the others."""
