@@ -119,7 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if missing and classes:  # named by the user: nothing to train it on
         raise SppnetError(missing)
     if missing:  # found in other splits' annotations: trained without positives
-        print(f"warning: {missing}; such a class is trained without positives (--classes leaves it out)",
+        print(f"warning: {missing}; such a class is trained without positives "
+              f"(--classes leaves it out)",
               file=sys.stderr)
     settings = TrainSettings(seed=args.seed)
     if args.finetune_iters:

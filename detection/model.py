@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from data.atomic import atomic_write
 from data.errors import SppnetError
 from detection.backbones import DetectorNet, load_checkpoint, prefer_channels_last
-from detection.boxes import mirror_boxes
+from detection.boxes import mirror_boxes, scale_boxes
 from detection.features import ConvMaps, ExtractSettings, extract, extract_batch, spp_from_maps
 from detection.postprocess import VOTE_IOU, clip_boxes, detections_from_scores
 from detection.presets import Preset
-from detection.scales import box_target_side
+from detection.scales import box_target_side, fit_input
 from detection.timing import StageTimer
 
 MODEL_FORMAT = "sppnet-detector-1"
@@ -102,12 +102,26 @@ class Detector:
         with torch.inference_mode():
             return torch.softmax(self.fc8(fc7), dim=1)[:, 1:].cpu()
 
+    def _fit(self, image: np.ndarray, proposals: np.ndarray | Tensor
+             ) -> tuple[np.ndarray, Tensor, tuple[float, float]]:
+        """The image shrunk to the preset's largest input as training held it (`fit_input`),
+        its proposals in that frame, and the factors that took it there."""
+        image, scale = fit_input(image, *self.preset.largest_input())
+        boxes = _as_boxes(proposals)
+        return image, (scale_boxes(boxes, *scale) if scale != (1.0, 1.0) else boxes), scale
+
     def detect(self, image: np.ndarray, proposals: np.ndarray | Tensor,
                score_threshold: float | None = None, timer: StageTimer | None = None) -> dict:
         """Detections of one HxWx3 uint8 image from its proposals: per-class NMS at 0.3, at
         most 100 per class; boxes regressed when a regressor is present; averaged with the
-        mirror image's pass when `test_mirror` is on."""
-        boxes = _as_boxes(proposals)
+        mirror image's pass when `test_mirror` is on. A photo beyond the preset's largest input
+        is read shrunk to it, as training read it; the boxes come back in its own pixels."""
+        image, boxes, scale = self._fit(image, proposals)
+        return _in_frame(self._detect_fitted(image, boxes, score_threshold, timer), scale)
+
+    def _detect_fitted(self, image: np.ndarray, boxes: Tensor, score_threshold: float | None,
+                       timer: StageTimer | None) -> dict:
+        """`detect` of an image already fitted, with its boxes in that frame."""
         if len(boxes) == 0:
             return _no_detections()
         features = extract(self.net, image, boxes, self.method, self.settings, timer,
@@ -125,7 +139,10 @@ class Detector:
         settings batch images (the `batch` speedup), mirror images included."""
         if self.method != "spp" or self.settings.batch_images <= 1:
             return [self.detect(image, p, score_threshold) for image, p in zip(images, proposals)]
-        boxes = [_as_boxes(p) for p in proposals]
+        if not images:
+            return []
+        images, boxes, scales = map(list, zip(*(self._fit(image, p)
+                                                 for image, p in zip(images, proposals))))
         views, view_boxes = list(images), list(boxes)
         if self.test_mirror:
             views += [_mirror_image(image) for image in images]
@@ -134,9 +151,9 @@ class Detector:
         mirrored = ([(flipped, *pair) for flipped, pair in
                      zip(view_boxes[len(images):], features[len(images):])]
                     if self.test_mirror else [None] * len(images))
-        return [self._detections(image, b, own, mirror, score_threshold) if len(b)
-                else _no_detections()
-                for image, b, own, mirror in zip(images, boxes, features, mirrored)]
+        return [_in_frame(self._detections(image, b, own, mirror, score_threshold), scale)
+                if len(b) else _no_detections()
+                for image, b, own, mirror, scale in zip(images, boxes, features, mirrored, scales)]
 
     def detect_from_maps(self, image: np.ndarray, proposals: np.ndarray | Tensor,
                          conv: ConvMaps, score_threshold: float | None = None,
@@ -227,6 +244,14 @@ def _mirror_image(image: np.ndarray | Tensor) -> np.ndarray | Tensor:
 def _mirror_of(boxes: Tensor, image: np.ndarray | Tensor) -> Tensor:
     """`boxes` of `image` as they lie in its mirror image."""
     return mirror_boxes(boxes, image.shape[1])
+
+
+def _in_frame(det: dict, scale: tuple[float, float]) -> dict:
+    """Detections of a fitted image (`Detector._fit`) with their boxes in the photo's own
+    pixels."""
+    if scale != (1.0, 1.0):
+        det["boxes"] = scale_boxes(det["boxes"], 1 / scale[0], 1 / scale[1])
+    return det
 
 
 def _no_detections() -> dict:

@@ -185,11 +185,10 @@ def train_detector(dataset: VOCDataset, method: str, preset: Preset, workdir: st
     folder.mkdir(parents=True, exist_ok=True)
     proposals, _ = dataset_proposals(dataset, workdir, preset.max_proposals, jobs,
                                      progress=not quiet)
-    # the largest input of any stage: the preset's largest SPP-net scale (so the trunk, which
-    # both methods share, is made from the same pixels whichever trains first)
-    largest = max((preset.scale, *preset.multi_scales))
+    # the preset's, not the run's scales: the trunk, which both methods share, is made from the
+    # same pixels whichever trains first
     images = load_training_images(dataset, proposals, on_error=_log,
-                                  max_input=(largest, preset.max_side))
+                                  max_input=preset.largest_input())
     if not images:
         raise SppnetError(f"{dataset.root}: no readable training image in split {dataset.split}")
     net, trunk_log = _trunk(dataset, images, preset, folder, settings, device, weights, quiet)

@@ -27,6 +27,12 @@ class Preset:
         """The SPP-net scales of a run: one, or the multi-scale set."""
         return self.multi_scales if multi else (self.scale,)
 
+    def largest_input(self) -> tuple[int, int]:
+        """The largest image any stage takes, as (shorter side, cap on the longer side): the
+        largest SPP-net scale. Photos beyond it are shrunk to it once, in training and at test
+        alike (`fit_input`), so both see the same pixels and memory follows the net's inputs."""
+        return max((self.scale, *self.multi_scales)), self.max_side
+
     def with_changes(self, **changes: object) -> "Preset":
         """A copy with some fields replaced."""
         return replace(self, **changes)

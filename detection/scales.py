@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -28,6 +29,23 @@ def scale_factor(height: int, width: int, shorter: int, max_side: int = DEFAULT_
     if factor * max(height, width) > max_side:
         factor = max_side / max(height, width)
     return factor
+
+
+def fit_input(pixels: np.ndarray, shorter: int, longer: int
+              ) -> tuple[np.ndarray, tuple[float, float]]:
+    """`pixels` (HxWx3 uint8) shrunk (area interpolation) where they exceed the largest input
+    a stage takes, a shorter side of `shorter` with the longer side at most `longer` (the rule
+    of `scale_factor`), and the factors (across, down) that took them there; as they are, with
+    (1, 1), otherwise."""
+    import cv2
+
+    height, width = pixels.shape[:2]
+    factor = scale_factor(height, width, shorter, longer)
+    if factor >= 1.0:
+        return pixels, (1.0, 1.0)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    small = np.ascontiguousarray(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA))
+    return small, (size[0] / width, size[1] / height)
 
 
 def resize_image(image: Tensor, factor: float) -> Tensor:

@@ -43,7 +43,7 @@ from detection.features import (ConvMaps, ExtractSettings, box_windows, conv_map
 from detection.memory import release_now_and_then
 from detection.pretrain_crops import PretrainCrops, context_margin, pretrain_crops
 from detection.rcnn_warp import warp_images
-from detection.scales import box_target_side, scale_factor
+from detection.scales import box_target_side, fit_input, scale_factor
 from detection.spp import project_boxes, spp_pool_batch, spp_pool_maps
 from detection.regions import FG_IOU, LabelledRegions, label_regions, sample_rows
 
@@ -729,23 +729,6 @@ def region_features(net: DetectorNet, method: str, images: Sequence[TrainImage],
         else:
             pooled, fc7 = extract(net, item.pixels, boxes, method, settings, return_pooled=True)
         yield RowFeatures(item.image_id, item.regions, rows), pooled.cpu(), fc7.cpu()
-
-
-def fit_input(pixels: np.ndarray, shorter: int, longer: int
-              ) -> tuple[np.ndarray, tuple[float, float]]:
-    """`pixels` (HxWx3 uint8) shrunk (area interpolation) where they exceed the largest input
-    a stage takes, a shorter side of `shorter` with the longer side at most `longer` (the rule
-    of `scale_factor`), and the factors (across, down) that took them there; as they are, with
-    (1, 1), otherwise."""
-    import cv2
-
-    height, width = pixels.shape[:2]
-    factor = scale_factor(height, width, shorter, longer)
-    if factor >= 1.0:
-        return pixels, (1.0, 1.0)
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    small = np.ascontiguousarray(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA))
-    return small, (size[0] / width, size[1] / height)
 
 
 def load_training_images(dataset, proposals: dict[str, np.ndarray],

@@ -77,6 +77,32 @@ def test_detect_from_shared_maps_equals_detect():
         rcnn.detect_from_maps(image, boxes, conv)
 
 
+@pytest.mark.parametrize("method,batch", [("spp", False), ("spp", True), ("rcnn", False)])
+def test_a_photo_beyond_the_largest_input_is_read_shrunk_and_answered_in_its_own_pixels(
+        method, batch):
+    """A photo twice the preset's largest input is shrunk to it before detection, as training
+    holds it: an image made of 2x2 copies of each pixel gives the detections of the image
+    itself, with its boxes in the large photo's pixels."""
+    from detection.boxes import scale_boxes
+
+    base = _detector()
+    preset = base.preset.with_changes(scale=120, multi_scales=(120,), max_side=400)
+    detector = Detector(base.net, method, base.classes, preset, (120,), base.fc8,
+                        scorer="softmax")
+    if batch:
+        detector = variant_detector(detector, parse_variant("batch"))
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    large = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)
+    boxes = torch.tensor([[5, 5, 80, 90], [40, 30, 150, 110], [0, 0, 159, 119]],
+                         dtype=torch.float32)
+    want = detector.detect_many([small], [boxes])[0]
+    got = detector.detect_many([large], [scale_boxes(boxes, 2.0, 2.0)])[0]
+    assert len(want["scores"]) > 0
+    assert torch.allclose(got["scores"], want["scores"], atol=1e-5)
+    assert torch.allclose(got["boxes"], scale_boxes(want["boxes"], 2.0, 2.0), atol=1e-3)
+
+
 def _sorted(det: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     order = torch.argsort(det["scores"], descending=True)
     return det["boxes"][order], det["labels"][order], det["scores"][order]
