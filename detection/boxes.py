@@ -35,7 +35,9 @@ def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
 def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
     """The boxes `[..., 4]` in the image resized by `sx` across and `sy` down: each pixel span
     `[x1, x2 + 1)` is scaled, so `(x1 sx, y1 sy, (x2 + 1) sx - 1, (y2 + 1) sy - 1)`; the factors
-    `1 / sx`, `1 / sy` take them back."""
+    `1 / sx`, `1 / sy` take them back. Factors of 1 give the boxes themselves."""
+    if sx == 1.0 and sy == 1.0:
+        return boxes
     widen = boxes.new_tensor(_WIDEN)
     return (boxes + widen) * boxes.new_tensor([sx, sy, sx, sy]) - widen
 

@@ -107,8 +107,7 @@ class Detector:
         """The image shrunk to the preset's largest input as training held it (`fit_input`),
         its proposals in that frame, and the factors that took it there."""
         image, scale = fit_input(image, *self.preset.largest_input())
-        boxes = _as_boxes(proposals)
-        return image, (scale_boxes(boxes, *scale) if scale != (1.0, 1.0) else boxes), scale
+        return image, scale_boxes(_as_boxes(proposals), *scale), scale
 
     def detect(self, image: np.ndarray, proposals: np.ndarray | Tensor,
                score_threshold: float | None = None, timer: StageTimer | None = None) -> dict:
@@ -117,7 +116,7 @@ class Detector:
         mirror image's pass when `test_mirror` is on. A photo beyond the preset's largest input
         is read shrunk to it, as training read it; the boxes come back in its own pixels."""
         image, boxes, scale = self._fit(image, proposals)
-        return _in_frame(self._detect_fitted(image, boxes, score_threshold, timer), scale)
+        return in_photo_pixels(self._detect_fitted(image, boxes, score_threshold, timer), scale)
 
     def _detect_fitted(self, image: np.ndarray, boxes: Tensor, score_threshold: float | None,
                        timer: StageTimer | None) -> dict:
@@ -151,8 +150,8 @@ class Detector:
         mirrored = ([(flipped, *pair) for flipped, pair in
                      zip(view_boxes[len(images):], features[len(images):])]
                     if self.test_mirror else [None] * len(images))
-        return [_in_frame(self._detections(image, b, own, mirror, score_threshold), scale)
-                if len(b) else _no_detections()
+        return [in_photo_pixels(self._detections(image, b, own, mirror, score_threshold),
+                                scale) if len(b) else _no_detections()
                 for image, b, own, mirror, scale in zip(images, boxes, features, mirrored, scales)]
 
     def detect_from_maps(self, image: np.ndarray, proposals: np.ndarray | Tensor,
@@ -246,11 +245,10 @@ def _mirror_of(boxes: Tensor, image: np.ndarray | Tensor) -> Tensor:
     return mirror_boxes(boxes, image.shape[1])
 
 
-def _in_frame(det: dict, scale: tuple[float, float]) -> dict:
-    """Detections of a fitted image (`Detector._fit`) with their boxes in the photo's own
-    pixels."""
-    if scale != (1.0, 1.0):
-        det["boxes"] = scale_boxes(det["boxes"], 1 / scale[0], 1 / scale[1])
+def in_photo_pixels(det: dict, scale: tuple[float, float]) -> dict:
+    """Detections of a photo read shrunk by `scale` (across, down; `fit_input`) with their
+    boxes in the photo's own pixels."""
+    det["boxes"] = scale_boxes(det["boxes"], 1 / scale[0], 1 / scale[1])
     return det
 
 

@@ -20,7 +20,7 @@ from detection.backbones import (DetectorNet, build_net, load_checkpoint, prefer
                                  save_checkpoint)
 from detection.features import ConvMaps, conv_maps
 from detection.memory import release_free_memory, release_now_and_then
-from detection.model import Detector, load_detector
+from detection.model import Detector, in_photo_pixels, load_detector
 from detection.presets import Preset
 
 if TYPE_CHECKING:
@@ -334,7 +334,6 @@ def choose_test_scale(net: DetectorNet, fc8, dataset: VOCDataset, preset: Preset
     its `detect` would, in a fraction of the time). Returns the scales and
     `{"384": mAP, ..., "224+288+...": mAP}`."""
     from data.results import detections_by_class
-    from detection.boxes import scale_boxes
     from detection.evaluate import evaluate_voc
 
     val_set = VOCDataset(dataset.root, f"{dataset.split}-val", dataset.classes,
@@ -356,7 +355,7 @@ def choose_test_scale(net: DetectorNet, fc8, dataset: VOCDataset, preset: Preset
             at = [every.index(s) for s in scales]
             own = ConvMaps([conv.factors[k] for k in at], [conv.maps[k] for k in at])
             det = detector.detect_from_maps(item.pixels, proposals, own)
-            det["boxes"] = scale_boxes(det["boxes"], 1 / item.scale[0], 1 / item.scale[1])
+            det = in_photo_pixels(det, item.scale)
             per_option[scales][item.image_id] = {k: v.cpu().numpy() for k, v in det.items()}
         del conv
         release_now_and_then(done, every=4)     # all scales' maps at once: ~50 MB an image

@@ -762,8 +762,7 @@ def load_training_images(dataset, proposals: dict[str, np.ndarray],
         scale = (1.0, 1.0)
         if max_input:
             pixels, scale = fit_input(pixels, *max_input)
-            if scale != (1.0, 1.0):
-                gt_boxes, boxes = scale_boxes(gt_boxes, *scale), scale_boxes(boxes, *scale)
+            gt_boxes, boxes = scale_boxes(gt_boxes, *scale), scale_boxes(boxes, *scale)
         regions = label_regions(boxes, gt_boxes, gt_labels, len(dataset.classes))
         out.append(TrainImage(image.image_id, pixels, regions, scale))
     if mismatched and on_error:

@@ -47,3 +47,4 @@ def test_scale_boxes_scales_pixel_spans_and_back():
     assert torch.equal(half[0], torch.tensor([0.0, 0.0, 199.0, 74.0]))
     assert torch.equal(half[1], torch.tensor([5.0, 5.0, 14.0, 14.0]))
     assert torch.allclose(scale_boxes(half, 2.0, 4.0), boxes)
+    assert scale_boxes(boxes, 1.0, 1.0) is boxes      # no rounding where nothing is scaled
