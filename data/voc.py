@@ -346,6 +346,11 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
                        for im, frame in images], frozenset(names))
 
 
+def plural(count: int, noun: str, ending: str = "s") -> str:
+    """`count` and `noun`, with `ending` after one: "1 more image", "2 more images"."""
+    return f"{count} {noun}{ending * (count != 1)}"
+
+
 def short_list(names: Sequence[str], limit: int = 12) -> str:
     """`names` joined by commas for a one-line message, the first `limit` of them and '...'."""
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
@@ -365,7 +370,24 @@ def missing_classes_message(dataset: VOCDataset) -> str | None:
             difflib.get_close_matches(name, found, n=1, cutoff=0.6)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     listed = short_list(found) if found else "none"
-    plural = "es" if len(missing) > 1 else ""
-    return (f"{dataset.root}/ImageSets/Main/{dataset.split}.txt: no objects of class{plural} "
+    ending = "es" if len(missing) > 1 else ""
+    return (f"{dataset.root}/ImageSets/Main/{dataset.split}.txt: no objects of class{ending} "
             f"{', '.join(hints)} in this split (its annotations name: {listed}; class names "
             f"are case-sensitive)")
+
+
+def objects_outside_message(dataset: VOCDataset) -> str | None:
+    """A one-line message naming the first annotation file of the split with an object (not
+    difficult) whose box lies wholly outside its image, with a count of the others, or None.
+    No detection can match such an object, so scoring counts it as missed, as the devkit does."""
+    found = [(im, o) for im in dataset.images for o in im.objects
+             if not o.difficult and (o.box[0] > im.width - 1 or o.box[1] > im.height - 1
+                                     or o.box[2] < 0 or o.box[3] < 0)]
+    if not found:
+        return None
+    image, obj = found[0]
+    more = f" ({plural(len(found) - 1, 'more object')} like it in the split)" \
+        if len(found) > 1 else ""
+    return (f"{dataset.root / 'Annotations' / (image.image_id + '.xml')}: the box of an object "
+            f"({obj.name}) lies wholly outside its {image.width}x{image.height} image, so no "
+            f"detection can match it and it counts as missed{more}")

@@ -42,6 +42,23 @@ def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
     return (boxes + widen) * boxes.new_tensor([sx, sy, sx, sy]) - widen
 
 
+def clip_boxes(boxes: Tensor, width: int, height: int) -> Tensor:
+    """Clip 0-based pixel boxes (any leading shape, last dim 4) to the image."""
+    limit = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
+    return torch.minimum(boxes.clamp(min=0), limit)
+
+
+def boxes_in_image(boxes: Tensor, width: int, height: int,
+                   slack: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Boxes `[N, 4]` against a `width x height` image: the boxes clipped to it, which lie wholly
+    outside it, and which reach beyond it by more than `slack` pixels (a tool that writes a box
+    at the border as `xmax = width + 1` is forgiven one pixel)."""
+    limit = boxes.new_tensor([width - 1, height - 1])
+    outside = (boxes[:, :2] > limit).any(1) | (boxes[:, 2:] < 0).any(1)
+    reaching = (boxes[:, :2] < -slack).any(1) | (boxes[:, 2:] > limit + slack).any(1)
+    return clip_boxes(boxes, width, height), outside, reaching & ~outside
+
+
 def box_deltas(proposals: Tensor, targets: Tensor) -> Tensor:
     """Regression targets `[N, 4]` that take each proposal to its target box."""
     px, py, pw, ph = _centre_size(proposals)

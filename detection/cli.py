@@ -48,12 +48,13 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_class_mismatches(dataset: VOCDataset, known_as: str) -> None:
+def _say_split_problems(dataset: VOCDataset, known_as: str) -> None:
     """On stderr, before scoring a split: the classes it has no object of (their AP is '-',
-    outside the mAP; another case or a typo in the annotations is the usual cause) and the
+    outside the mAP; another case or a typo in the annotations is the usual cause), the
     annotated names that are not among the classes scored (`known_as` says whose): their objects
-    are no ground truth, so a detection on one is a false positive."""
-    from data.voc import missing_classes_message, short_list
+    are no ground truth, so a detection on one is a false positive, and objects annotated wholly
+    outside their image, which count as missed."""
+    from data.voc import missing_classes_message, objects_outside_message, short_list
 
     missing = missing_classes_message(dataset)
     if missing:
@@ -64,6 +65,9 @@ def _say_class_mismatches(dataset: VOCDataset, known_as: str) -> None:
         print(f"note: {dataset.root}/ImageSets/Main/{dataset.split}.txt: objects of {len(others)} "
               f"class{'es' if len(others) > 1 else ''} not among {known_as} count as background: "
               f"{short_list(others)}", file=sys.stderr)
+    outside = objects_outside_message(dataset)
+    if outside:
+        print(f"warning: {outside}", file=sys.stderr)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -83,7 +87,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if missing:
         print(f"note: no result file for {', '.join(missing)}; counted as no detections",
               file=sys.stderr)
-    _say_class_mismatches(dataset, "--classes")
+    _say_split_problems(dataset, "--classes")
     voc = evaluate_voc(dataset, detections, metric=args.metric)
     coco = evaluate_coco(dataset, detections)
     title = "AP07" if args.metric == "voc07" else "AP"
@@ -216,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     detector.test_mirror = not args.no_test_mirror
     detector.box_voting = not args.no_box_voting
     dataset = open_voc(args.voc_root, args.split, detector.classes)
-    _say_class_mismatches(dataset, "the model's classes")
+    _say_split_problems(dataset, "the model's classes")
     summary = evaluate_detector(detector, dataset, args.workdir, args.out, args.metric,
                                 args.jobs, quiet=args.quiet)
     print(format_ap_table(summary["ap"], summary["mAP"],

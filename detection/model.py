@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from data.atomic import atomic_write
 from data.errors import SppnetError
 from detection.backbones import DetectorNet, load_checkpoint, prefer_channels_last
-from detection.boxes import mirror_boxes, scale_boxes
+from detection.boxes import clip_boxes, mirror_boxes, scale_boxes
 from detection.features import ConvMaps, ExtractSettings, extract, extract_batch, spp_from_maps
-from detection.postprocess import VOTE_IOU, clip_boxes, detections_from_scores
+from detection.postprocess import VOTE_IOU, detections_from_scores
 from detection.presets import Preset
 from detection.scales import box_target_side, fit_input
 from detection.timing import StageTimer

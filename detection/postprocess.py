@@ -69,9 +69,3 @@ def vote_boxes(kept: Tensor, kept_class: Tensor, candidates: Tensor, candidate_s
         moved = (w @ boxes) / total.clamp(min=torch.finfo(w.dtype).tiny)
         voted[rows] = torch.where(total > 0, moved, kept[rows])
     return voted
-
-
-def clip_boxes(boxes: Tensor, width: int, height: int) -> Tensor:
-    """Clip 0-based pixel boxes (any leading shape, last dim 4) to the image."""
-    limit = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
-    return torch.minimum(boxes.clamp(min=0), limit)

@@ -738,14 +738,18 @@ def load_training_images(dataset, proposals: dict[str, np.ndarray],
     that cannot be read are reported and left out). Each is read in the frame its boxes were
     annotated in (`VOCImage.load`); images whose size still differs from their annotation's
     (resized after annotating, say) are reported once, with a count: their boxes are used as
-    annotated. With `max_input` (shorter, longer: the largest input of any stage), a larger
-    photo is held downscaled to it (`fit_input`) with its boxes scaled along, so that memory
-    and time follow the net's inputs, not the camera's (160 photos of 12 MP: 5.8 GB as read)."""
+    annotated. Boxes reaching beyond their image are clipped to it and boxes wholly outside
+    it left out, each kind reported once with a count (`boxes_in_image`). With `max_input`
+    (shorter, longer: the largest input of any stage), a larger photo is held downscaled to it
+    (`fit_input`) with its boxes scaled along, so that memory and time follow the net's inputs,
+    not the camera's (160 photos of 12 MP: 5.8 GB as read)."""
     from data.errors import ImageLoadError
-    from detection.boxes import scale_boxes
+    from data.voc import plural
+    from detection.boxes import boxes_in_image, scale_boxes
     from detection.regions import training_objects
 
     out, mismatched = [], []
+    beyond: dict[str, list] = {"outside": [], "reaching": []}   # (image, boxes) per kind
     for image in dataset.images:
         if image.image_id not in proposals:
             continue
@@ -758,6 +762,11 @@ def load_training_images(dataset, proposals: dict[str, np.ndarray],
         if (pixels.shape[1], pixels.shape[0]) != (image.width, image.height):
             mismatched.append((image, pixels.shape[1], pixels.shape[0]))
         gt_boxes, gt_labels = training_objects(image, dataset.classes)
+        gt_boxes, outside, reaching = boxes_in_image(gt_boxes, pixels.shape[1], pixels.shape[0])
+        for kind, found in (("outside", outside), ("reaching", reaching)):
+            if found.any():
+                beyond[kind].append((image, int(found.sum())))
+        gt_boxes, gt_labels = gt_boxes[~outside], gt_labels[~outside]
         boxes = torch.as_tensor(proposals[image.image_id], dtype=torch.float32).reshape(-1, 4)
         scale = (1.0, 1.0)
         if max_input:
@@ -767,8 +776,19 @@ def load_training_images(dataset, proposals: dict[str, np.ndarray],
         out.append(TrainImage(image.image_id, pixels, regions, scale))
     if mismatched and on_error:
         image, width, height = mismatched[0]
-        more = f" ({len(mismatched) - 1} more images like it)" if len(mismatched) > 1 else ""
+        more = f" ({plural(len(mismatched) - 1, 'more image')} like it)" \
+            if len(mismatched) > 1 else ""
         on_error(f"{image.path}: the annotation says {image.width}x{image.height} but the image "
                  f"is {width}x{height}; its boxes are used as annotated and may not line "
                  f"up{more}")
+    if on_error:
+        for kind, what in (("reaching", "reaches beyond its image: clipped to it for training"),
+                           ("outside", "lies wholly outside its image: left out of training")):
+            if beyond[kind]:
+                image, _ = beyond[kind][0]
+                count = sum(n for _, n in beyond[kind])
+                more = f" ({plural(count - 1, 'more box', 'es')} like it in the split)" \
+                    if count > 1 else ""
+                on_error(f"{dataset.root / 'Annotations' / (image.image_id + '.xml')}: an "
+                         f"object's box {what}{more}")
     return out

@@ -7,8 +7,8 @@ import pytest
 
 from data.errors import AnnotationError, SppnetError
 from data.voc import (VOC_CLASSES, discover_classes, internal_to_voc, missing_classes_message,
-                      open_voc, parse_annotation, parse_class_list, read_split_ids, short_list,
-                      voc_to_internal)
+                      objects_outside_message, open_voc, parse_annotation, parse_class_list,
+                      plural, read_split_ids, short_list, voc_to_internal)
 
 
 def test_box_conventions_round_trip():
@@ -66,6 +66,22 @@ def test_names_outside_the_classes_and_short_lists(tiny_voc):
     assert open_voc(tiny_voc, "all", classes=("dog",)).names_outside_classes() == ["bird", "cat"]
     assert short_list(["a", "b"]) == "a, b"
     assert short_list([str(i) for i in range(5)], limit=3) == "0, 1, 2, ..."
+    assert (plural(1, "box", "es"), plural(2, "box", "es"), plural(0, "image")) == (
+        "1 box", "2 boxes", "0 images")
+
+
+def test_objects_wholly_outside_their_image_are_named_once(tiny_voc, voc_writer, tmp_path):
+    """An object whose box lies wholly outside its image (not difficult) can never be detected:
+    one message names the first annotation file and counts the others; reaching out is fine."""
+    assert objects_outside_message(open_voc(tiny_voc, "all")) is None
+    images = {"a": (64, 48, [("cat", (10, 10, 80, 40), 0, 0), ("dog", (70, 5, 90, 20), 0, 0)]),
+              "b": (64, 48, [("cat", (5, 50, 20, 60), 0, 0), ("cat", (5, -20, 20, 0), 0, 0),
+                             ("dog", (-30, 5, -1, 20), 1, 0)])}
+    root = voc_writer(tmp_path / "outside", images, {"test": ["a", "b"]})
+    message = objects_outside_message(open_voc(root, "test"))
+    assert message.endswith("a.xml: the box of an object (dog) lies wholly outside its 64x48 "
+                            "image, so no detection can match it and it counts as missed "
+                            "(2 more objects like it in the split)")
 
 
 def test_voc2007_root_gets_the_20_classes(tmp_path, voc_writer):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from detection.boxes import apply_deltas, box_deltas, mirror_boxes, pixel_iou, scale_boxes
+from detection.boxes import (apply_deltas, box_deltas, boxes_in_image, clip_boxes, mirror_boxes,
+                             pixel_iou, scale_boxes)
 
 
 def test_pixel_iou_counts_plus_one():
@@ -48,3 +49,21 @@ def test_scale_boxes_scales_pixel_spans_and_back():
     assert torch.equal(half[1], torch.tensor([5.0, 5.0, 14.0, 14.0]))
     assert torch.allclose(scale_boxes(half, 2.0, 4.0), boxes)
     assert scale_boxes(boxes, 1.0, 1.0) is boxes      # no rounding where nothing is scaled
+
+
+def test_clip_boxes_keeps_them_inside_the_image():
+    assert clip_boxes(torch.tensor([[-3.0, 2, 700, 90]]), 640, 80).tolist() == [[0, 2, 639, 79]]
+
+
+def test_boxes_in_image_tells_boxes_outside_from_boxes_reaching_out():
+    boxes = torch.tensor([[10.0, 10, 50, 50],      # inside
+                          [-1.0, 0, 100, 80],      # the border written one pixel out: forgiven
+                          [-5.0, 10, 50, 50],      # reaches 5 px beyond the left edge
+                          [90.0, 10, 140, 50],     # reaches beyond the right edge
+                          [120.0, 10, 150, 50],    # wholly right of the image
+                          [10.0, -40, 50, -2]])    # wholly above it
+    clipped, outside, reaching = boxes_in_image(boxes, 100, 80)
+    assert outside.tolist() == [False, False, False, False, True, True]
+    assert reaching.tolist() == [False, False, True, True, False, False]
+    assert clipped[:4].tolist() == [[10, 10, 50, 50], [0, 0, 99, 79], [0, 10, 50, 50],
+                                    [90, 10, 99, 50]]

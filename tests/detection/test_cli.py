@@ -55,6 +55,17 @@ def test_score_says_which_classes_the_split_lacks_and_which_it_has_beyond(tiny_v
     assert err[0].endswith("such a class scores '-' and stays out of the mAP")
     assert err[1].startswith("note: ") and err[1].endswith(
         "objects of 1 class not among --classes count as background: bird")
+    # an object annotated wholly outside its image: a warning naming its file
+    xml = tiny_voc / "Annotations" / "img3.xml"
+    xml.write_text(xml.read_text().replace("</annotation>", (
+        "<object><name>cat</name><bndbox><xmin>50</xmin><ymin>2</ymin><xmax>60</xmax>"
+        "<ymax>12</ymax></bndbox></object></annotation>")))
+    assert main(["score", "--voc-root", str(tiny_voc), "--split", "test", "--dets",
+                 str(tmp_path / "dets"), "--classes", "cat"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "wholly outside" in line] == [
+        f"warning: {tiny_voc / 'Annotations' / 'img3.xml'}: the box of an object (cat) lies "
+        "wholly outside its 40x40 image, so no detection can match it and it counts as missed"]
 
 
 @pytest.mark.parametrize("breakage", ["bad_xml", "no_dets", "bad_line"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from detection.postprocess import clip_boxes, detections_from_scores, vote_boxes
+from detection.postprocess import detections_from_scores, vote_boxes
 
 
 def greedy_nms(boxes, scores, iou):
@@ -42,12 +42,11 @@ def test_matches_greedy_per_class_nms_with_cap():
     assert out["boxes"].shape[1] == 4
 
 
-def test_per_class_boxes_and_clip():
+def test_per_class_boxes():
     boxes = torch.tensor([[[0.0, 0, 10, 10], [5, 5, 50, 50]]])      # [N=1, K=2, 4]
     out = detections_from_scores(boxes, torch.tensor([[1.0, 2.0]]))
     assert out["labels"].tolist() == [2, 1]
     assert out["boxes"].tolist() == [[5, 5, 50, 50], [0, 0, 10, 10]]
-    assert clip_boxes(torch.tensor([[-3.0, 2, 700, 90]]), 640, 80).tolist() == [[0, 2, 639, 79]]
 
 
 def test_box_voting_is_the_score_weighted_mean_of_each_kept_boxes_cluster():

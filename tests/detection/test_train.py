@@ -599,6 +599,31 @@ def test_images_whose_size_differs_from_their_annotation_are_reported_once(tiny_
     loaded = train.load_training_images(dataset, proposals, on_error=messages.append)
     assert len(loaded) == 3 and len(messages) == 1
     assert "img1.jpg" in messages[0] and "48x64 but the image is 64x48" in messages[0]
-    assert "1 more images like it" in messages[0]
+    assert "(1 more image like it)" in messages[0]
     assert train.load_training_images(open_voc(tiny_voc, "test"), proposals,
                                       on_error=messages.append) and len(messages) == 1
+
+
+def test_boxes_beyond_their_image_are_clipped_or_left_out_of_training(voc_writer, tmp_path):
+    """A box that reaches beyond its image is clipped to it, one wholly outside is left out (not
+    a region of zeros labelled as an object); each kind is reported once, naming the first
+    annotation file and counting the rest. The border written one pixel out is no error."""
+    from data.voc import open_voc
+
+    images = {"a": (64, 48, [("cat", (10, 10, 80, 40), 0, 0), ("dog", (70, 5, 90, 20), 0, 0)]),
+              "b": (64, 48, [("cat", (0, 1, 65, 49), 0, 0), ("dog", (2, 2, 20, 20), 0, 0),
+                             ("cat", (-9, 5, 30, 30), 0, 0)])}
+    root = voc_writer(tmp_path / "beyond", images, {"trainval": ["a", "b"]})
+    dataset = open_voc(root, "trainval", ("cat", "dog"))
+    proposals = {i: np.array([[0, 0, 10, 10]], np.float32) for i in images}
+    messages = []
+    loaded = {im.image_id: im for im in train.load_training_images(
+        dataset, proposals, on_error=messages.append)}
+    gt = {i: item.regions.boxes[item.regions.gt_class > 0].tolist() for i, item in loaded.items()}
+    assert gt["a"] == [[9, 9, 63, 39]]                     # the dog right of the image is gone
+    assert gt["b"] == [[0, 0, 63, 47], [1, 1, 19, 19], [0, 4, 29, 29]]
+    assert len(messages) == 2
+    assert "a.xml: an object's box reaches beyond its image: clipped to it for training (1 more" \
+        in messages[0]
+    assert "a.xml: an object's box lies wholly outside its image: left out of training" \
+        in messages[1] and "more" not in messages[1]
