@@ -165,6 +165,9 @@ def read_split_ids(root: str | Path, split: str) -> list[str]:
     name (`000005.jpg`) is taken as its id. A byte-order mark (a split file saved by Windows
     Notepad) is dropped."""
     path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
+    if not path.parent.is_dir():
+        raise AnnotationError(path, f"no such image set: the root has no ImageSets/Main/ folder "
+                                    f"(write {split}.txt there, one image id per line)")
     if not path.is_file():
         available = ", ".join(list_splits(root)) or "none"
         raise AnnotationError(path, f"no such image set (available splits: {available})")
@@ -310,8 +313,10 @@ def parse_class_list(text: str | None) -> tuple[str, ...] | None:
     return names or None
 
 
-def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None) -> VOCDataset:
-    """Read split `split` of the VOC-layout `root`.
+def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None,
+             images: bool = True) -> VOCDataset:
+    """Read split `split` of the VOC-layout `root`; with `images` (all but scoring need them)
+    a root without `JPEGImages/` is a one-line error naming the folders it has.
 
     `classes` restricts and orders the classes (objects of other classes are left out); by default
     see `discover_classes`. Image sizes come from the annotation, or the image header when absent.
@@ -323,6 +328,10 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None)
     from data.images import annotated_frame, read_image_size
 
     root = resolve_root(root)
+    if images and not (root / "JPEGImages").is_dir():
+        found = short_list(sorted(p.name + "/" for p in root.iterdir() if p.is_dir()))
+        raise SppnetError(f"{root}: no JPEGImages/ folder, where a VOC layout keeps the images "
+                          f"(this root has: {found or 'no folders'})")
     class_list = tuple(classes) if classes else discover_classes(root)
     wanted = set(class_list)
     images = []

@@ -115,6 +115,23 @@ def test_missing_split_names_available_ones(tiny_voc):
         open_voc(tiny_voc, "val")
 
 
+def test_a_root_without_image_sets_or_images_says_what_is_missing(tiny_voc):
+    """An export with its images in another folder, or without ImageSets/Main/, gets one line
+    that says what a VOC layout wants there; scoring, which reads no image, needs no images."""
+    import shutil
+
+    shutil.move(tiny_voc / "JPEGImages", tiny_voc / "images")
+    with pytest.raises(SppnetError, match=r"no JPEGImages/ folder, where a VOC layout keeps the "
+                                          r"images \(this root has: Annotations/, ImageSets/, "
+                                          r"images/\)"):
+        open_voc(tiny_voc, "test")
+    assert len(open_voc(tiny_voc, "test", images=False)) == 1
+    shutil.rmtree(tiny_voc / "ImageSets")
+    with pytest.raises(AnnotationError, match=r"Main/test.txt: no such image set: the root has "
+                                              r"no ImageSets/Main/ folder \(write test.txt"):
+        open_voc(tiny_voc, "test", images=False)
+
+
 def test_missing_annotation_names_the_file(tiny_voc):
     (tiny_voc / "Annotations" / "img2.xml").unlink()
     with pytest.raises(AnnotationError) as err:
