@@ -187,6 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a trained detector on a split: result files, AP table, PR curves, report."""
     from data.voc import open_voc
+    from detection.detect import is_within
     from detection.devices import resolve_device
     from detection.evaluate import format_ap_table
     from detection.model import describe_inputs, load_detector
@@ -220,6 +221,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     detector.test_mirror = not args.no_test_mirror
     detector.box_voting = not args.no_box_voting
     dataset = open_voc(args.voc_root, args.split, detector.classes)
+    for option, path in (("--out", args.out), ("--json", args.json)):
+        if path and is_within(path, dataset.root):
+            raise SppnetError(f"{option} {path}: inside the dataset {dataset.root}; eval never "
+                              "writes into a dataset, choose a place outside it")
     _say_split_problems(dataset, "the model's classes")
     summary = evaluate_detector(detector, dataset, args.workdir, args.out, args.metric,
                                 args.jobs, quiet=args.quiet)

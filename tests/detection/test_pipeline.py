@@ -61,6 +61,16 @@ def test_train_then_eval(drawn_voc, tmp_path, method, capsys):
     printed = capsys.readouterr().out
     assert "mirror pass" not in printed and "box voting" not in printed
     assert "no box voting" in (tmp_path / "one-pass" / "report.md").read_text()
+    # result files never go into the dataset
+    inside = drawn_voc / "results"
+    for option in ("--out", "--json"):
+        paths = {"--out": str(tmp_path / "o"), "--json": str(tmp_path / "o.json"),
+                 option: str(inside)}
+        assert main(["eval", "--split", "test", *common, *(x for kv in paths.items()
+                                                          for x in kv)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{option} {inside}: inside the dataset {drawn_voc}" in err
+        assert len(err.splitlines()) == 1 and not inside.exists()
 
 
 def test_scales_is_an_spp_option(drawn_voc, tmp_path, capsys):
