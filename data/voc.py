@@ -314,8 +314,8 @@ def parse_class_list(text: str | None) -> tuple[str, ...] | None:
 
 
 def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None,
-             images: bool = True) -> VOCDataset:
-    """Read split `split` of the VOC-layout `root`; with `images` (all but scoring need them)
+             need_images: bool = True) -> VOCDataset:
+    """Read split `split` of the VOC-layout `root`; with `need_images` (all but scoring do)
     a root without `JPEGImages/` is a one-line error naming the folders it has.
 
     `classes` restricts and orders the classes (objects of other classes are left out); by default
@@ -328,7 +328,7 @@ def open_voc(root: str | Path, split: str, classes: Sequence[str] | None = None,
     from data.images import annotated_frame, read_image_size
 
     root = resolve_root(root)
-    if images and not (root / "JPEGImages").is_dir():
+    if need_images and not (root / "JPEGImages").is_dir():
         found = short_list(sorted(p.name + "/" for p in root.iterdir() if p.is_dir()))
         raise SppnetError(f"{root}: no JPEGImages/ folder, where a VOC layout keeps the images "
                           f"(this root has: {found or 'no folders'})")

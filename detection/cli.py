@@ -76,7 +76,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from data.voc import open_voc, parse_class_list
     from detection.evaluate import evaluate_coco, evaluate_voc, format_ap_table, score_summary
 
-    dataset = open_voc(args.voc_root, args.split, parse_class_list(args.classes), images=False)
+    dataset = open_voc(args.voc_root, args.split, parse_class_list(args.classes),
+                       need_images=False)
     det_dir = Path(args.dets)
     if not det_dir.is_dir():
         raise SppnetError(f"{det_dir}: detections folder not found")

@@ -125,11 +125,11 @@ def test_a_root_without_image_sets_or_images_says_what_is_missing(tiny_voc):
                                           r"images \(this root has: Annotations/, ImageSets/, "
                                           r"images/\)"):
         open_voc(tiny_voc, "test")
-    assert len(open_voc(tiny_voc, "test", images=False)) == 1
+    assert len(open_voc(tiny_voc, "test", need_images=False)) == 1
     shutil.rmtree(tiny_voc / "ImageSets")
     with pytest.raises(AnnotationError, match=r"Main/test.txt: no such image set: the root has "
                                               r"no ImageSets/Main/ folder \(write test.txt"):
-        open_voc(tiny_voc, "test", images=False)
+        open_voc(tiny_voc, "test", need_images=False)
 
 
 def test_missing_annotation_names_the_file(tiny_voc):
