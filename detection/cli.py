@@ -466,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
             length.add_argument("--pretrain-steps", type=positive_int, metavar="N",
                                 help="budget of the trunk's pre-training in steps of 64 crops, "
                                      "filled with whole epochs: fewer on a split with many objects "
-                                     "per image, more on one with few (default 7200: 96 epochs on "
-                                     "about 160 images of 2.5 objects)")
+                                     "per image, more on one with few (default 10800: 150 epochs "
+                                     "on about 160 images of 2.5 objects)")
             p.add_argument("--pretrain-minutes", type=non_negative_float, metavar="M",
                            help="end the pre-training at the budget's epochs that fit in M "
                                 "minutes, judged by its second and third epochs, never below "

@@ -101,8 +101,8 @@ SCHEDULE_FIELDS = ("pretrain_epochs", "pretrain_steps", "pretrain_minutes")
 def same_trunk_recipe(made_with: dict, recipe: dict, log: dict) -> bool:
     """Whether a saved trunk, pre-trained by `made_with` (its `log`: the epochs and steps it
     ran), is the trunk `recipe` would make. The epochs and the step budget count only through
-    the epochs they give (`pretrain_epochs_run`), so a trunk of 96 epochs made before the
-    budget, or under another one, is reused where the budget gives the same epochs; so does
+    the epochs they give (`pretrain_epochs_run`), so a trunk made with `--pretrain-epochs`
+    or under another budget is reused where the budget gives the same epochs; so does
     the time cap, so a trunk that ran its whole budget is reused under any cap, and one the
     cap cut short only under the same cap."""
     from detection.train import pretrain_epochs_run

@@ -81,13 +81,13 @@ def test_redrawn_regions_are_new_regions(images, monkeypatch):
 
 def test_the_step_budget_is_filled_with_whole_epochs():
     run = train.pretrain_epochs_run
-    assert run(None, 7200, 72) == 96 and run(None, 7200, 74) == 96   # 6912, 7104: kept
-    assert run(None, 7200, 75) == 96                                  # exactly the budget
-    assert run(None, 7200, 119) == 60                                 # dense: 7140 steps
-    assert run(None, 7200, 56) == 128                                 # sparse: 7168 steps
-    assert run(None, 7200, 71) == 101                                 # 6816: 300+ under
+    assert run(None, 10800, 72) == 150                                # exactly the budget
+    assert run(None, 10800, 70) == 150                                # 10500: kept, not 154
+    assert run(None, 10800, 119) == 90                                # dense: 10710 steps
+    assert run(None, 10800, 56) == 192                                # sparse: 10752 steps
+    assert run(None, 10800, 69) == 156                                # 10350: 300+ under
     assert run(None, 5, 10) == 1
-    assert run(12, 7200, 119) == 12 and run(12, 10, 119) == 12        # asked for: exactly
+    assert run(12, 10800, 119) == 12 and run(12, 10, 119) == 12       # asked for: exactly
 
 
 def test_budgeted_pretraining_is_the_run_of_the_epochs_it_fills(images, capsys):
