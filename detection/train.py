@@ -317,9 +317,10 @@ def photometric_jitter(x: Tensor, strength: float, rng: np.random.Generator,
     return x + draw(-own, own, (b, 3, 1, 1)) * spread
 
 
-#: The budget's epochs on the real-photo-sized stand-ins (70-72 steps an epoch): kept where they
-#: come within `BUDGET_SLACK` steps under the budget, so that a split of about their objects
-#: per image makes the trunk measured with them (MEASUREMENTS.md, "A larger step budget")
+#: The budget's epochs on seed 9's real-photo-sized stand-in (72 steps an epoch): kept where
+#: they come within `BUDGET_SLACK` steps under the budget (70-72 steps an epoch), so that a split
+#: of about its objects per image makes the trunk measured (MEASUREMENTS.md, "A larger step
+#: budget")
 DEFAULT_PRETRAIN_EPOCHS = 150
 BUDGET_SLACK = 300
 
