@@ -54,7 +54,8 @@ def _say_split_problems(dataset: VOCDataset, known_as: str) -> None:
     annotated names that are not among the classes scored (`known_as` says whose): their objects
     are no ground truth, so a detection on one is a false positive, and objects annotated wholly
     outside their image, which count as missed."""
-    from data.voc import missing_classes_message, objects_outside_message, short_list
+    from data.voc import (missing_classes_message, objects_outside_message, plural,
+                          short_list)
 
     missing = missing_classes_message(dataset)
     if missing:
@@ -62,8 +63,8 @@ def _say_split_problems(dataset: VOCDataset, known_as: str) -> None:
               file=sys.stderr)
     others = dataset.names_outside_classes()
     if others:
-        print(f"note: {dataset.root}/ImageSets/Main/{dataset.split}.txt: objects of {len(others)} "
-              f"class{'es' if len(others) > 1 else ''} not among {known_as} count as background: "
+        print(f"note: {dataset.root}/ImageSets/Main/{dataset.split}.txt: objects of "
+              f"{plural(len(others), 'class', 'es')} not among {known_as} count as background: "
               f"{short_list(others)}", file=sys.stderr)
     outside = objects_outside_message(dataset)
     if outside:
